@@ -1,0 +1,4 @@
+from ltrepro.cli import main
+import sys
+
+sys.exit(main())

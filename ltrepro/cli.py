@@ -1,0 +1,129 @@
+"""The ``ltrepro`` command. Every subcommand takes ``key.sub=value`` overrides of params.yaml.
+
+Errors of input (config, data, checkpoint) print one line and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ltrepro.errors import LtreproError
+
+CONFIG_HELP = "params file holding the defaults (default: ./params.yaml)"
+OVERRIDE_HELP = "overrides of params.yaml, e.g. stage1.lr=0.05 data.name=cifar100_lt"
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=Path("params.yaml"), help=CONFIG_HELP)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDE_HELP)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ltrepro", description="Long-tailed recognition: train, evaluate, tune, export.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = commands.add_parser("data", help="dataset commands").add_subparsers(dest="data_command", required=True)
+    prepare = data.add_parser(
+        "prepare",
+        help="place or convert the dataset's files under data.root and check them",
+        description="Fashion-MNIST: gunzip Debian's dataset-fashion-mnist files (installing the package "
+        "when running as root). Other datasets: check that their files are in place and print the split counts.",
+    )
+    add_config_arguments(prepare)
+    prepare.add_argument("--source", type=Path, help="folder with the four Fashion-MNIST idx .gz files")
+
+    train = commands.add_parser("train", help="train stage 1 and evaluate on test once, tracked in MLflow")
+    add_config_arguments(train)
+    train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a killed run from its last.pt")
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a finished run's checkpoint on the test set")
+    evaluate.add_argument("run_dir", type=Path, help="run directory (holds config.yaml and best.pt)")
+    evaluate.add_argument("--checkpoint", default="best.pt", help="file in the run directory (default best.pt)")
+    evaluate.add_argument("--out", type=Path, help="write the metrics JSON here (default RUN_DIR/evaluation.json)")
+
+    bench = commands.add_parser("bench", help="benchmarks; results are written to files")
+    loader = bench.add_subparsers(dest="bench_command", required=True).add_parser(
+        "loader", help="img/s of a training epoch: device-resident loader vs torchvision DataLoader"
+    )
+    add_config_arguments(loader)
+    loader.add_argument("--epochs", type=int, default=3, help="timed epochs after one warm-up (default 3)")
+    loader.add_argument("--out", type=Path, default=Path("bench/loader.json"), help="result file")
+    return parser
+
+
+def config_file(path: Path) -> Path | None:
+    """params.yaml when present; the built-in defaults when the default file is absent."""
+    return path if path.is_file() or path != Path("params.yaml") else None
+
+
+def command_prepare(args: argparse.Namespace) -> None:
+    from ltrepro.config import load_config
+    from ltrepro.data import fmnist, load_data, resolve_data_config
+
+    cfg = load_config(config_file(args.config), args.overrides)
+    root = (args.config.parent if config_file(args.config) else Path.cwd()).resolve()
+    data_cfg = resolve_data_config(cfg.data)
+    if data_cfg.name == "fmnist_lt":
+        target = fmnist.prepare(root / data_cfg.root, args.source or fmnist.DEBIAN_DIR)
+        print(f"Fashion-MNIST ready in {target}")
+    data = load_data(data_cfg, cfg.seed, root)
+    counts = data.train_counts.tolist()
+    print(f"{data.name}: {data.num_classes} classes, train {len(data.train)} (n_max {counts[0] if counts else 0}, "
+          f"min {min(counts)}), val {len(data.val)}, test {len(data.test)}, index hash {data.info['index_hash']}")
+
+
+def command_train(args: argparse.Namespace) -> None:
+    from ltrepro.train import train
+
+    result = train(config_file(args.config), args.overrides, args.resume)
+    print("\nrun finished")
+    print(f"  MLflow run     {result.run_id}")
+    for key, value in result.metrics.items():
+        print(f"  {key:<15}{value:.2f}" if isinstance(value, float) else f"  {key:<15}{value}")
+    print(f"  checkpoint     {result.run_dir / 'best.pt'}")
+    print(f"  MLflow UI      {result.tracking_ui}")
+
+
+def command_evaluate(args: argparse.Namespace) -> None:
+    from ltrepro.train import evaluate_run, to_json
+
+    metrics = evaluate_run(args.run_dir, args.checkpoint)
+    out = args.out or args.run_dir / "evaluation.json"
+    out.write_text(to_json(metrics))
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}, indent=2))
+    print(f"written to {out}")
+
+
+def command_bench(args: argparse.Namespace) -> None:
+    from ltrepro.bench import bench_loader
+    from ltrepro.config import load_config
+    from ltrepro.data import load_data
+    from ltrepro.train import build_model, resolve, select_device
+
+    cfg = resolve(load_config(config_file(args.config), args.overrides))
+    root = (args.config.parent if config_file(args.config) else Path.cwd()).resolve()
+    data = load_data(cfg.data, cfg.seed, root)
+    result = bench_loader(cfg, data, lambda: build_model(cfg, data), select_device(cfg.device), args.epochs, args.out)
+    print(json.dumps(result, indent=2))
+
+
+COMMANDS = {"data": command_prepare, "train": command_train, "evaluate": command_evaluate, "bench": command_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except LtreproError as exc:
+        print(f"ltrepro: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ltrepro: interrupted; the last finished epoch is kept in last.pt (resume with --resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Batches for training and evaluation.
+
+In-memory datasets (CIFAR, Fashion-MNIST) live on the training device as one uint8 tensor and
+are augmented there batch-wise: random crop after zero padding, horizontal flip, optional
+cutout, normalisation (spec ffn_h2t.md §1.2). Every random number of an epoch is drawn up front
+from the epoch's seeded CPU generator and moved once, so there is no per-sample Python and a
+resumed run sees exactly the batches of an uninterrupted one. Datasets on disk use a DataLoader
+with workers and torchvision transforms.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from ltrepro.config import AugmentConfig
+from ltrepro.data.base import LTData, Split
+from ltrepro.data.samplers import epoch_indices
+from ltrepro.errors import LtreproError
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def augment_batch(
+    images: torch.Tensor,
+    shift_y: torch.Tensor,
+    shift_x: torch.Tensor,
+    flip: torch.Tensor,
+    cutout_centre: torch.Tensor,
+    augment: AugmentConfig,
+) -> torch.Tensor:
+    """Crop, flip and cut out a float batch N x C x H x W in one pass of tensor ops.
+
+    shift_y/x in [0, 2 * padding] pick each crop's corner in the zero-padded image; flip is a bool
+    per image; cutout_centre (N x 2) is the centre of a zeroed square of side ``augment.cutout``.
+    """
+    n, _, h, w = images.shape
+    pad = augment.crop_padding
+    if pad:
+        padded = F.pad(images, (pad, pad, pad, pad))
+        rows = (shift_y[:, None] + torch.arange(h, device=images.device))[:, :, None]
+        cols = (shift_x[:, None] + torch.arange(w, device=images.device))[:, None, :]
+        batch = torch.arange(n, device=images.device)[:, None, None]
+        images = padded[batch, :, rows, cols].permute(0, 3, 1, 2)  # advanced dims come first
+    if augment.flip:
+        images = torch.where(flip[:, None, None, None], images.flip(3), images)
+    if augment.cutout:
+        # A side x side square with rows/cols [centre - side//2, centre + side - side//2), clipped
+        # at the border (DeVries & Taylor 2017, Cutout).
+        low, high = -(augment.cutout // 2), augment.cutout - augment.cutout // 2
+        ys = torch.arange(h, device=images.device)[None, :, None] - cutout_centre[:, 0, None, None]
+        xs = torch.arange(w, device=images.device)[None, None, :] - cutout_centre[:, 1, None, None]
+        inside = (ys >= low) & (ys < high) & (xs >= low) & (xs < high)
+        images = images.masked_fill(inside[:, None], 0.0)
+    return images
+
+
+class DeviceLoader:
+    """Batches from a uint8 tensor resident on ``device``; augmentation when ``augment`` is given."""
+
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        device: torch.device,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        augment: AugmentConfig | None = None,
+        sampler: str = "instance",
+        total_epochs: int = 1,
+    ) -> None:
+        self.images = split.images.to(device)
+        self.labels = torch.from_numpy(split.labels).to(device)
+        self.label_array = split.labels
+        self.batch_size, self.device = batch_size, device
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        self.augment, self.sampler, self.total_epochs = augment, sampler, total_epochs
+        self.channels_last = device.type == "cuda"
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        images = (images - self.mean) / self.std
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    def epoch(self, epoch: int = 0, generator: torch.Generator | None = None) -> Iterator[Batch]:
+        n = len(self.labels)
+        if self.augment is None:
+            order = torch.arange(n)
+        else:
+            order = epoch_indices(self.label_array, self.sampler, generator, epoch, self.total_epochs)
+            h, w = self.images.shape[2:]
+            span = 2 * self.augment.crop_padding + 1
+            randoms = {
+                "shift_y": torch.randint(span, (n,), generator=generator),
+                "shift_x": torch.randint(span, (n,), generator=generator),
+                "flip": torch.rand(n, generator=generator) < 0.5,
+                "cutout_centre": torch.stack(
+                    [torch.randint(h, (n,), generator=generator), torch.randint(w, (n,), generator=generator)], 1
+                ),
+            }
+            randoms = {key: value.to(self.device, non_blocking=True) for key, value in randoms.items()}
+        order = order.to(self.device, non_blocking=True)
+        for start in range(0, n, self.batch_size):
+            index = order[start : start + self.batch_size]
+            images = self.images[index].float().div_(255)
+            if self.augment is not None:
+                window = slice(start, start + len(index))
+                images = augment_batch(images, **{k: v[window] for k, v in randoms.items()}, augment=self.augment)
+            yield self._normalise(images), self.labels[index]
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Images on disk, decoded and transformed in DataLoader workers."""
+
+    def __init__(self, split: Split, transform, mode: str) -> None:
+        self.paths, self.labels, self.transform, self.mode = split.paths, split.labels, transform, mode
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            with Image.open(self.paths[index]) as image:
+                image = image.convert(self.mode)
+        except (OSError, UnidentifiedImageError) as exc:
+            raise LtreproError(f"cannot read image {self.paths[index]}: {exc}") from None
+        return self.transform(image), int(self.labels[index])
+
+
+class FileLoader:
+    """A torchvision DataLoader with the ImageNet recipe (spec §1.2) and the shared samplers."""
+
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        device: torch.device,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        image_size: int,
+        train: bool,
+        num_workers: int,
+        sampler: str = "instance",
+        total_epochs: int = 1,
+    ) -> None:
+        from torchvision import transforms as T
+
+        if train:
+            steps = [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ColorJitter(0.4, 0.4, 0.4, 0)]
+        else:
+            steps = [T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size)]
+        transform = T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
+        self.dataset = ImageFiles(split, transform, "L" if len(mean) == 1 else "RGB")
+        self.label_array, self.train = split.labels, train
+        self.batch_size, self.device, self.num_workers = batch_size, device, num_workers
+        self.sampler, self.total_epochs = sampler, total_epochs
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    def epoch(self, epoch: int = 0, generator: torch.Generator | None = None) -> Iterator[Batch]:
+        if self.train:
+            order = epoch_indices(self.label_array, self.sampler, generator, epoch, self.total_epochs).tolist()
+            worker_seed = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        else:
+            order, worker_seed = range(len(self.dataset)), None
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=order,
+            num_workers=self.num_workers,
+            generator=worker_seed,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
+        memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        for images, labels in loader:
+            images = images.to(self.device, non_blocking=True).contiguous(memory_format=memory_format)
+            yield images, labels.to(self.device, non_blocking=True)
+
+
+def make_loader(
+    data: LTData,
+    split: str,
+    batch_size: int,
+    device: torch.device,
+    augment: AugmentConfig | None = None,
+    sampler: str = "instance",
+    total_epochs: int = 1,
+    num_workers: int = 2,
+) -> DeviceLoader | FileLoader:
+    """The loader for ``split`` ("train", "val" or "test"): augmented and sampled only for train."""
+    part = getattr(data, split)
+    train = split == "train"
+    if part.in_memory:
+        return DeviceLoader(part, batch_size, device, data.mean, data.std, augment if train else None, sampler, total_epochs)
+    return FileLoader(part, batch_size, device, data.mean, data.std, data.image_size, train, num_workers, sampler, total_epochs)
+
+
+def fixed_seed_generator(seed: int, *salt: int) -> torch.Generator:
+    """A CPU generator seeded from (seed, *salt): epoch e of a run always draws the same numbers."""
+    mixed = np.random.SeedSequence([seed, *salt]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(mixed))

@@ -1,0 +1,112 @@
+"""Long-tailed subsets of a balanced pool, and the validation split that never touches test.
+
+The profile and the subset draw follow the LDAM-DRW lineage (spec ffn_h2t.md §1.1): class c keeps
+``int(n_max * (1/IF) ** (c / (C - 1)))`` images, and the kept images are chosen by shuffling each
+class's indices, in label order, with one ``numpy.random.RandomState(seed)``. With the same seed
+and no reserved validation images this reproduces the reference code's subset exactly.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from ltrepro.errors import LtreproError
+
+
+def lt_counts(n_max: int, imbalance: float, num_classes: int) -> list[int]:
+    """Per-class counts of the exponential profile n_c = floor(n_max * (1/IF)^(c/(C-1)))."""
+    if num_classes == 1:
+        return [int(n_max)]
+    return [int(n_max * (1.0 / imbalance) ** (c / (num_classes - 1.0))) for c in range(num_classes)]
+
+
+def class_indices(labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
+    """Indices of each class, in ascending index order."""
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(num_classes + 1))
+    return [order[bounds[c] : bounds[c + 1]] for c in range(num_classes)]
+
+
+def draw_per_class(
+    pool: list[np.ndarray], counts: list[int], rng: np.random.RandomState
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Shuffle each class's pool in label order and keep the first counts[c]; return (kept, rest)."""
+    kept, rest = [], []
+    for idx, n in zip(pool, counts):
+        idx = idx.copy()
+        rng.shuffle(idx)
+        kept.append(idx[:n])
+        rest.append(idx[n:])
+    return kept, rest
+
+
+def lt_split(
+    labels: np.ndarray,
+    num_classes: int,
+    n_max: int,
+    imbalance: float,
+    val_per_class: int,
+    seed: int,
+    reserve: bool = False,
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Draw the LT training subset and a validation split from one balanced training pool.
+
+    Without ``reserve`` the LT subset is drawn first (the reference draw) and validation takes up to
+    ``val_per_class`` of the images each class has left over; head classes of CIFAR may have none.
+    With ``reserve`` validation is held out of every class first and n_max shrinks to what is left.
+    Returns (train indices, val indices, info) with the counts that a run logs.
+    """
+    pool = class_indices(labels, num_classes)
+    available = [len(p) for p in pool]
+    if min(available) == 0:
+        raise LtreproError(f"class {available.index(0)} has no training images in the pool")
+    rng = np.random.RandomState(seed)
+    val_rng = np.random.RandomState(seed + 1)
+    info: dict = {"n_max_requested": int(n_max), "imbalance": float(imbalance), "reserve": reserve}
+    if reserve:
+        val_parts, pool = draw_per_class(pool, [min(val_per_class, a - 1) for a in available], val_rng)
+        n_max = min(n_max, max(len(p) for p in pool))
+    counts = lt_counts(n_max, imbalance, num_classes)
+    short = [c for c, (n, p) in enumerate(zip(counts, pool)) if n > len(p)]
+    if short:
+        c = short[0]
+        raise LtreproError(
+            f"data.n_max={n_max} asks class {c} for {counts[c]} images but the pool has {len(pool[c])}; "
+            f"lower data.n_max or data.imbalance"
+        )
+    train_parts, spare = draw_per_class(pool, counts, rng)
+    if not reserve:
+        val_parts, _ = draw_per_class(spare, [min(val_per_class, len(s)) for s in spare], val_rng)
+    train_idx = np.concatenate(train_parts).astype(np.int64)
+    val_idx = np.concatenate(val_parts).astype(np.int64)
+    info.update(
+        n_max=int(n_max),
+        train_counts=[len(p) for p in train_parts],
+        val_counts=[len(p) for p in val_parts],
+    )
+    return train_idx, val_idx, info
+
+
+def carve_validation(
+    labels: np.ndarray, num_classes: int, val_per_class: int, seed: int, max_fraction: float = 0.2
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hold validation out of a dataset that is long-tailed as released and has no spare images.
+
+    Class c gives min(val_per_class, floor(max_fraction * n_c)) images, so a tail class keeps at
+    least 80% of its few images and classes with fewer than 5 images give none (iNat-2018).
+    Returns (train indices, val indices).
+    """
+    pool = class_indices(labels, num_classes)
+    counts = [min(val_per_class, int(max_fraction * len(p))) for p in pool]
+    val_parts, train_parts = draw_per_class(pool, counts, np.random.RandomState(seed + 1))
+    return np.concatenate(train_parts).astype(np.int64), np.concatenate(val_parts).astype(np.int64)
+
+
+def index_hash(*arrays: np.ndarray) -> str:
+    """A short, stable fingerprint of index arrays: the same LT subset gives the same hash."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
+        digest.update(b"|")
+    return digest.hexdigest()[:16]

@@ -1,0 +1,233 @@
+"""The training loop shared by every stage: epochs, checkpoint/resume, AMP, progress, NaN guard.
+
+What a stage trains and how its loss is formed is passed in (an ``Objective``); the loop itself
+never changes when a method is added. Each epoch ends with a validation pass; the checkpoint
+kept for the final test is chosen on validation only (``select: best_val | last``).
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from ltrepro.checkpoint import load_weights, save_atomic
+from ltrepro.config import StageConfig
+from ltrepro.data.loader import fixed_seed_generator
+from ltrepro.errors import LtreproError
+from ltrepro.evaluate import balanced_accuracy
+
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor, np.random.Generator], torch.Tensor]
+
+
+class Loader(Protocol):
+    def __len__(self) -> int: ...
+    def epoch(self, epoch: int = 0, generator: torch.Generator | None = None) -> Iterable: ...
+
+
+def mixup_objective(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], alpha: float) -> Objective:
+    """loss_fn on the model's logits, with input mixup when alpha > 0 (spec ffn_h2t.md §1.4).
+
+    One lam ~ Beta(alpha, alpha) and one permutation pi per batch: x~ = lam x + (1 - lam) x[pi],
+    loss = lam L(f(x~), y) + (1 - lam) L(f(x~), y[pi]).
+    """
+
+    def objective(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        if alpha <= 0:
+            return loss_fn(model(images), labels)
+        lam = float(rng.beta(alpha, alpha))
+        perm = torch.from_numpy(rng.permutation(len(labels))).to(images.device)
+        logits = model(lam * images + (1 - lam) * images[perm])
+        return lam * loss_fn(logits, labels) + (1 - lam) * loss_fn(logits, labels[perm])
+
+    return objective
+
+
+def lr_factor(step: int, steps_per_epoch: int, stage: StageConfig) -> float:
+    """Linear warm-up over ``warmup_epochs``, then cosine to 0 or steps of ``gamma`` at milestones."""
+    warmup = stage.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
+    if stage.schedule == "multistep":
+        epoch = step // steps_per_epoch
+        return stage.gamma ** sum(epoch >= m for m in stage.milestones)
+    total = stage.epochs * steps_per_epoch
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, loader: Loader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (float32) and labels of a whole split, in eval mode."""
+    model.eval()
+    logits, labels = [], []
+    with autocast(device):
+        for images, target in loader.epoch():
+            logits.append(model(images).float().cpu())
+            labels.append(target.cpu())
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    """bf16 autocast on CUDA; plain fp32 on CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def validation_accuracy(model: nn.Module, loader: Loader, device: torch.device, num_classes: int) -> float:
+    """Class-balanced validation accuracy (%), the only number model selection reads."""
+    logits, labels = predict(model, loader, device)
+    return balanced_accuracy(logits.argmax(1), labels, num_classes)
+
+
+class Progress:
+    """A tqdm bar with loss and img/s on a TTY; one line per epoch otherwise."""
+
+    def __init__(self, epoch: int, epochs: int, steps: int) -> None:
+        from tqdm import tqdm
+
+        self.interactive = sys.stderr.isatty()
+        self.bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not self.interactive)
+
+    def update(self, loss: float, images_per_second: float) -> None:
+        self.bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{images_per_second:.0f}", refresh=False)
+
+    def step(self) -> None:
+        self.bar.update()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@dataclass
+class FitResult:
+    selected_epoch: int
+    val_top1: float
+    checkpoint: Path
+    history: list[dict] = field(default_factory=list)
+
+
+def fit(
+    model: nn.Module,
+    objective: Objective,
+    stage: StageConfig,
+    train_loader: Loader,
+    val_loader: Loader,
+    run_dir: Path,
+    device: torch.device,
+    seed: int,
+    num_classes: int,
+    log_metrics: Callable[[dict, int], None] = lambda metrics, step: None,
+    resume_state: dict | None = None,
+    parameters: Iterable[nn.Parameter] | None = None,
+) -> FitResult:
+    """Train ``model`` for ``stage.epochs`` epochs and return the checkpoint selected on validation.
+
+    ``last.pt`` (full state, every epoch) makes the run resumable; ``best.pt`` holds the weights
+    that ``stage.select`` picks. Epoch e draws its batches and mixup from generators seeded by
+    (seed, e), so a resumed run repeats an uninterrupted one exactly on CPU.
+    """
+    params = [p for p in (parameters if parameters is not None else model.parameters()) if p.requires_grad]
+    optimizer = torch.optim.SGD(
+        params, lr=stage.lr, momentum=stage.momentum, weight_decay=stage.weight_decay, nesterov=stage.nesterov
+    )
+    steps_per_epoch = len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, stage))
+    start_epoch, best_val, best_epoch, history = 0, -1.0, -1, []
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    if resume_state is not None:
+        load_weights(model, resume_state["model"], last_path)
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        torch.set_rng_state(resume_state["torch_rng"])
+        start_epoch, best_val, best_epoch = resume_state["epoch"] + 1, resume_state["best_val"], resume_state["best_epoch"]
+        history = list(resume_state["history"])
+    for epoch in range(start_epoch, stage.epochs):
+        train_loss, seconds, seen = run_epoch(model, objective, optimizer, scheduler, train_loader, device, seed, epoch, stage.epochs)
+        val_top1 = validation_accuracy(model, val_loader, device, num_classes)
+        metrics = {
+            "train_loss": train_loss,
+            "val_acc": val_top1,
+            "lr": optimizer.param_groups[0]["lr"],
+            "throughput": seen / seconds,
+        }
+        history.append({"epoch": epoch, **metrics})
+        log_metrics(metrics, epoch)
+        if stage.select == "last" or val_top1 > best_val:
+            best_val, best_epoch = val_top1, epoch
+            save_atomic({"model": model.state_dict(), "epoch": epoch, "val_top1": val_top1}, best_path)
+        save_atomic(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "epoch": epoch,
+                "best_val": best_val,
+                "best_epoch": best_epoch,
+                "history": history,
+            },
+            last_path,
+        )
+        remaining = (stage.epochs - epoch - 1) * seconds
+        print(
+            f"epoch {epoch + 1}/{stage.epochs}  loss {train_loss:.4f}  val {val_top1:.2f}%  "
+            f"{seen / seconds:.0f} img/s  eta {remaining / 60:.1f} min",
+            flush=True,
+        )
+    return FitResult(best_epoch, best_val, best_path, history)
+
+
+def run_epoch(
+    model: nn.Module,
+    objective: Objective,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loader: Loader,
+    device: torch.device,
+    seed: int,
+    epoch: int,
+    epochs: int,
+) -> tuple[float, float, int]:
+    """One training epoch; returns (mean loss, seconds, images seen).
+
+    The finiteness check runs on device without a sync per step; the first non-finite step is
+    reported when the bar refreshes and at the end of the epoch, before any checkpoint is written.
+    """
+    model.train()
+    rng = np.random.default_rng([seed, epoch, 1])
+    progress = Progress(epoch, epochs, len(loader))
+    total = torch.zeros((), device=device)
+    first_bad = torch.full((), -1, device=device)
+    start, seen = time.perf_counter(), 0
+    for step, (images, labels) in enumerate(loader.epoch(epoch, fixed_seed_generator(seed, epoch))):
+        with autocast(device):
+            loss = objective(model, images, labels, rng)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss = loss.detach().float()
+        bad = ~torch.isfinite(loss) & (first_bad < 0)
+        first_bad = torch.where(bad, step, first_bad)
+        total += loss
+        seen += len(labels)
+        progress.step()
+        if step % 20 == 0 or step == len(loader) - 1:
+            raise_if_nonfinite(first_bad, epoch)
+            progress.update(loss.item(), seen / (time.perf_counter() - start))
+    progress.close()
+    raise_if_nonfinite(first_bad, epoch)
+    return (total / max(step + 1, 1)).item(), time.perf_counter() - start, seen
+
+
+def raise_if_nonfinite(first_bad: torch.Tensor, epoch: int) -> None:
+    step = int(first_bad)
+    if step >= 0:
+        raise LtreproError(
+            f"loss became NaN or infinite at epoch {epoch + 1}, step {step + 1}; lower stage lr or check the data"
+        )

@@ -1,0 +1,9 @@
+"""The one exception type that the CLI turns into a single-line error and a non-zero exit."""
+
+
+class LtreproError(Exception):
+    """A user-facing error: bad config, data, checkpoint or request.
+
+    The message names the offending file, key or value and says what is allowed, so the CLI
+    can print it on one line instead of a traceback from deep inside torch.
+    """

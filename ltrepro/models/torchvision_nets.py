@@ -1,0 +1,44 @@
+"""ImageNet-scale backbones from torchvision, built from scratch (``weights=None``, ffn_h2t.md §1.3).
+
+torchvision's own init is the one the specs ask for: conv kaiming_normal (fan_out, relu), BN 1/0,
+no zero-init of the last residual BN (ffn_h2t.md §1.3 for ResNet-50, fsgl_fcc.md §2.4 for ResNeXt-50).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from torch import nn
+from torchvision.models import ResNet, resnet50 as tv_resnet50, resnext50_32x4d as tv_resnext50_32x4d
+
+from ltrepro.models import MODELS
+from ltrepro.models.network import Classifier
+
+TRUNK_PARTS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+
+
+def torchvision_classifier(net: ResNet, num_classes: int, in_channels: int) -> Classifier:
+    """Wrap a torchvision ResNet up to layer4 (the map H2T grafts on) with a fresh linear head.
+
+    A non-RGB input gets a new stem conv of the same geometry, initialised as torchvision would.
+    The trunk keeps torchvision's module names, so ``backbone.layer1.0.conv1.weight`` etc. match.
+    """
+    if in_channels != 3:
+        old = net.conv1
+        net.conv1 = nn.Conv2d(
+            in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False
+        )
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+    trunk = nn.Sequential(OrderedDict((part, getattr(net, part)) for part in TRUNK_PARTS))
+    return Classifier(trunk, net.fc.in_features, num_classes)
+
+
+@MODELS.register("resnet50")
+def resnet50(num_classes: int, in_channels: int) -> Classifier:
+    """ResNet-50, 2048-d feature (ImageNet-LT in FFN/H2T)."""
+    return torchvision_classifier(tv_resnet50(weights=None), num_classes, in_channels)
+
+
+@MODELS.register("resnext50_32x4d")
+def resnext50_32x4d(num_classes: int, in_channels: int) -> Classifier:
+    """ResNeXt-50 32x4d, 2048-d feature (ImageNet-LT in FSGL)."""
+    return torchvision_classifier(tv_resnext50_32x4d(weights=None), num_classes, in_channels)

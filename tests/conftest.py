@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny Fashion-MNIST written in the real gzipped idx format, and a project
+folder (params.yaml + prepared data + its own MLflow store) to train on it in seconds."""
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from ltrepro.data import fmnist
+
+
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    """Write ``array`` (uint8) as an idx file: 0, 0, 0x08, ndim, big-endian dims, data; gzip by suffix."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    payload = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    path.write_bytes(gzip.compress(payload) if path.suffix == ".gz" else payload)
+    return path
+
+
+def class_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """28x28 images whose class is easy to see: a bright bar at a class-specific row, plus noise."""
+    images = rng.integers(0, 60, size=(len(labels), 28, 28), dtype=np.uint8)
+    for index, label in enumerate(labels):
+        images[index, 2 + 2 * label : 4 + 2 * label, 4:24] = 250
+    return images
+
+
+@pytest.fixture
+def fmnist_source(tmp_path: Path) -> Path:
+    """A folder with the four Debian-style .gz idx files: 40 train and 10 test images a class."""
+    source = tmp_path / "debian"
+    source.mkdir()
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", 40), ("t10k", 10)):
+        labels = np.repeat(np.arange(10, dtype=np.uint8), per_class)
+        rng.shuffle(labels)
+        write_idx(source / f"{split}-images-idx3-ubyte.gz", class_images(labels, rng))
+        write_idx(source / f"{split}-labels-idx1-ubyte.gz", labels)
+    return source
+
+
+@pytest.fixture
+def project(tmp_path: Path, fmnist_source: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A project folder with prepared tiny data, a fast params.yaml and a private MLflow store."""
+    root = tmp_path / "project"
+    root.mkdir()
+    fmnist.prepare(root / "data/raw", fmnist_source)
+    params = {
+        "seed": 0,
+        "device": "cpu",
+        "data": {"name": "fmnist_lt", "n_max": 20, "imbalance": 10, "val_per_class": 5},
+        "model": {"name": "resnet32"},
+        "stage1": {"epochs": 3, "batch_size": 16, "eval_batch_size": 64, "lr": 0.05, "warmup_epochs": 1},
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    return root

@@ -1,0 +1,78 @@
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from ltrepro.config import DataConfig
+from ltrepro.data import fmnist, load_data
+from ltrepro.errors import LtreproError
+from tests.conftest import write_idx
+
+
+def test_read_idx_round_trip(tmp_path):
+    array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    assert np.array_equal(fmnist.read_idx(write_idx(tmp_path / "a-idx3-ubyte.gz", array)), array)
+    assert np.array_equal(fmnist.read_idx(write_idx(tmp_path / "a-idx3-ubyte", array)), array)
+
+
+def test_truncated_idx_names_the_file(tmp_path):
+    path = write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((5, 28, 28), np.uint8))
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(LtreproError, match=r"train-images-idx3-ubyte: truncated or corrupt idx file"):
+        fmnist.read_idx(path)
+
+
+def test_truncated_gzip_and_bad_magic(tmp_path):
+    gz = write_idx(tmp_path / "x.gz", np.zeros((50, 28, 28), np.uint8))
+    gz.write_bytes(gz.read_bytes()[:40])
+    with pytest.raises(LtreproError, match="x.gz: unreadable or truncated gzip"):
+        fmnist.read_idx(gz)
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"\x00\x00\x0d\x01" + b"\x00" * 8)
+    with pytest.raises(LtreproError, match="bad: not an idx file of unsigned bytes"):
+        fmnist.read_idx(bad)
+
+
+def test_prepare_gunzips_and_writes_manifest(tmp_path, fmnist_source):
+    target = fmnist.prepare(tmp_path / "raw", fmnist_source)
+    manifest = json.loads((target / "manifest.json").read_text())
+    assert set(manifest) == set(fmnist.FILES.values())
+    raw = (target / "train-labels-idx1-ubyte").read_bytes()
+    assert raw == gzip.decompress((fmnist_source / "train-labels-idx1-ubyte.gz").read_bytes())
+
+
+def test_bad_source_never_replaces_prepared_data(tmp_path, fmnist_source):
+    target = fmnist.prepare(tmp_path / "raw", fmnist_source)
+    good = (target / "train-images-idx3-ubyte").read_bytes()
+    source = fmnist_source / "train-images-idx3-ubyte.gz"
+    source.write_bytes(gzip.compress(gzip.decompress(source.read_bytes())[:-10]))
+    with pytest.raises(LtreproError, match="truncated or corrupt"):
+        fmnist.prepare(tmp_path / "raw", fmnist_source)
+    assert (target / "train-images-idx3-ubyte").read_bytes() == good
+    assert not list(target.glob(".*partial"))
+
+
+def test_missing_source_says_what_to_do(tmp_path):
+    with pytest.raises(LtreproError, match="idx .gz files not found"):
+        fmnist.prepare(tmp_path / "raw", tmp_path / "empty")
+
+
+def test_unprepared_data_points_to_prepare(tmp_path):
+    with pytest.raises(LtreproError, match="ltrepro data prepare"):
+        fmnist.build(DataConfig(root=str(tmp_path), n_max=10, val_per_class=2), 0)
+
+
+def test_build_lt_subset_val_and_test(tmp_path, fmnist_source):
+    fmnist.prepare(tmp_path / "data/raw", fmnist_source)
+    cfg = DataConfig(n_max=20, imbalance=10, val_per_class=5, image_size=28)
+    data = load_data(cfg, seed=0, root=tmp_path)
+    assert data.train_counts.tolist() == [20, 15, 11, 9, 7, 5, 4, 3, 2, 2]
+    assert np.bincount(data.val.labels).tolist() == [5] * 10
+    assert len(data.test) == 100 and data.train.images.shape[1:] == (1, 28, 28)
+    # no validation image is a training image: the fake images carry per-image noise
+    train = {bytes(x.numpy()) for x in data.train.images}
+    assert not any(bytes(x.numpy()) in train for x in data.val.images)
+    assert data.info["split_sizes"] == {"train": 78, "val": 50, "test": 100}
+    assert load_data(cfg, seed=0, root=tmp_path).info["index_hash"] == data.info["index_hash"]
+    assert load_data(cfg, seed=1, root=tmp_path).info["index_hash"] != data.info["index_hash"]

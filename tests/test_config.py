@@ -1,0 +1,60 @@
+from pathlib import Path
+
+import pytest
+
+from ltrepro.config import Config, StageConfig, flatten, load_config, to_dict
+from ltrepro.errors import LtreproError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_params_yaml_loads_and_overrides_apply():
+    cfg = load_config(REPO / "params.yaml", ["stage1.lr=0.05", "data.augment.cutout=8", "data.n_max=300"])
+    assert isinstance(cfg, Config) and isinstance(cfg.stage1, StageConfig)
+    assert cfg.stage1.lr == 0.05 and cfg.data.augment.cutout == 8 and cfg.data.n_max == 300
+    assert cfg.data.name == "fmnist_lt"
+
+
+def test_ints_widen_to_float_and_null_is_kept():
+    cfg = load_config(None, ["stage1.lr=1", "data.n_max=null"])
+    assert cfg.stage1.lr == 1.0 and isinstance(cfg.stage1.lr, float) and cfg.data.n_max is None
+
+
+def test_flatten_gives_dotted_keys():
+    flat = flatten(to_dict(load_config(None)))
+    assert flat["stage1.lr"] == 0.1 and flat["data.augment.flip"] is True and "data" not in flat
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("stage1.lrx=1", "unknown key stage1.lrx; allowed: epochs"),
+        ("nope=1", "unknown key nope"),
+        ("data.augment.zoom=2", "unknown key data.augment.zoom"),
+        ("stage1.lr=fast", "stage1.lr: got 'fast', expected a number"),
+        ("stage1.epochs=2.5", "stage1.epochs: got 2.5, expected an integer"),
+        ("stage1.nesterov=1", "stage1.nesterov: got 1, expected true or false"),
+        ("stage1.schedule=linear", "stage1.schedule: got 'linear', expected one of 'cosine', 'multistep'"),
+        ("stage1.sampler=random", "expected one of 'instance', 'class_balanced', 'sqrt', 'progressive'"),
+        ("stage1.epochs=0", "stage1.epochs: 0 is out of range; allowed: >= 1"),
+        ("stage1.momentum=1.5", "stage1.momentum: 1.5 is out of range; allowed: in [0.0, 1.0]"),
+        ("data.imbalance=0.5", "data.imbalance: 0.5 is out of range"),
+        ("stage1.milestones=[10, x]", "stage1.milestones[1]: got 'x', expected an integer"),
+        ("stage1=3", "stage1: expected a mapping"),
+        ("stage1.lr", "expected key.sub=value"),
+        ("seed=true", "seed: got True, expected an integer"),
+    ],
+)
+def test_bad_values_name_the_key_and_what_is_allowed(override, message):
+    with pytest.raises(LtreproError) as error:
+        load_config(None, [override])
+    assert message in str(error.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(LtreproError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage1: [unclosed\n")
+    with pytest.raises(LtreproError, match="not valid YAML"):
+        load_config(bad)
