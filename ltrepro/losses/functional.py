@@ -1,0 +1,168 @@
+"""Long-tailed loss math as pure functions of tensors; ``ltrepro.losses`` wraps them in modules.
+
+Notation (spec ffn_h2t.md §1.6): z = logits (N, C), y = labels (N,), n_c = training images of
+class c, C = number of classes. Nothing assumes classes sorted by frequency: where a method
+pairs the head with the tail (KPS), the pairing comes from frequency ranks (spec §2.6 F5).
+Per-class tables are computed in float64 from the counts; losses are computed in float32
+whatever the logits' dtype, so bfloat16 autocast outputs lose nothing in the log-softmax, and
+the tables are moved to the logits' device (a no-op once the module is on that device).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+# KPS sensitivity base (Li et al. 2023): the rarest class gets ln(50)/ln(50) = 1.
+KPS_BASE = 50.0
+
+
+def as_counts(class_counts: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """Class counts as a float64 vector (one entry per class, in class-index order)."""
+    return torch.as_tensor(class_counts, dtype=torch.float64).reshape(-1)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean CE in float32; with ``weight`` the mean is sum_i w_{y_i} l_i / sum_i w_{y_i}, as torch's."""
+    weight = None if weight is None else weight.to(device=logits.device, dtype=torch.float32)
+    return F.cross_entropy(logits.float(), labels, weight=weight)
+
+
+def focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Focal loss, Lin et al. 2017 ("Focal Loss for Dense Object Detection"), without the alpha balancing.
+
+    FL_i = (1 - p_{y_i})^gamma * (-log p_{y_i}). As in the FFN/LDAM-DRW code, p_y is detached,
+    so the factor only re-weights the CE gradient and is not differentiated itself.
+    """
+    nll = F.cross_entropy(logits.float(), labels, reduction="none")
+    p_target = torch.exp(-nll).detach()
+    return ((1 - p_target) ** gamma * nll).mean()
+
+
+def effective_number_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:
+    """Class-balanced weights w_c = (1 - beta) / (1 - beta^{n_c}), rescaled to sum to C.
+
+    Cui et al. 2019 ("Class-Balanced Loss Based on Effective Number of Samples"): 1 / E_{n_c}
+    with effective number E_n = (1 - beta^n) / (1 - beta). DRW (Cao et al. 2019) switches these
+    on late in training with beta = 0.9999; beta = 0 gives all ones.
+    """
+    weights = (1 - beta) / (1 - beta**counts)
+    return weights * len(weights) / weights.sum()
+
+
+def ldam_margins(counts: torch.Tensor, max_m: float) -> torch.Tensor:
+    """LDAM margins m_c = max_m * n_c^(-1/4) / max_j n_j^(-1/4): the rarest class gets max_m.
+
+    Cao et al. 2019 ("Learning Imbalanced Datasets with Label-Distribution-Aware Margin Loss"):
+    m_c = K / n_c^{1/4}, with K chosen (as in their code) so that the largest margin is max_m.
+    """
+    inverse_fourth_root = counts ** (-0.25)
+    return max_m * inverse_fourth_root / inverse_fourth_root.max()
+
+
+def subtract_target_margin(logits: torch.Tensor, labels: torch.Tensor, margins: torch.Tensor) -> torch.Tensor:
+    """z - m_y e_y: lower only each sample's target logit by its class margin."""
+    one_hot = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+    return logits - one_hot * margins.to(device=logits.device, dtype=logits.dtype)[labels].unsqueeze(1)
+
+
+def ldam_loss(
+    cosine: torch.Tensor, labels: torch.Tensor, margins: torch.Tensor, s: float, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """LDAM loss on cosine logits z in [-1, 1]: CE(s * (z - m_y e_y), y), optionally class-weighted (DRW)."""
+    return cross_entropy(s * subtract_target_margin(cosine.float(), labels, margins), labels, weight)
+
+
+def kps_sensitivity(counts: torch.Tensor) -> torch.Tensor:
+    """KPS class sensitivities s_j = ln(50 n_j / n_min) / ln(50), so s_j >= 1 and the rarest class has 1.
+
+    Li, Cheung, Hu 2023 ("Key Point Sensitive Loss for Long-tailed Visual Recognition", TPAMI
+    45(4)); spec ffn_h2t.md §1.6 step 1. CIFAR-100 IF 100: the head class gets 2.18.
+    """
+    return torch.log(KPS_BASE * counts / counts.min()) / math.log(KPS_BASE)
+
+
+def frequency_mirror(counts: torch.Tensor) -> torch.Tensor:
+    """mirror[j] = the class whose frequency rank is C-1-rank(j) (rank 0 = most images).
+
+    Ranks sort by count, descending, ties broken by class index (stable). The reference code
+    flips the class-index vector instead, which is right only for frequency-sorted ids (spec F5).
+    """
+    order = torch.argsort(-counts, stable=True)
+    mirror = torch.empty_like(order)
+    mirror[order] = order.flip(0)
+    return mirror
+
+
+def kps_margins(counts: torch.Tensor, max_m: float) -> torch.Tensor:
+    """KPS margins m_j = max_m * s_{mirror(j)} / max_k s_k: tail classes get the head's large s (spec §1.6 step 2)."""
+    sensitivity = kps_sensitivity(counts)
+    return max_m * sensitivity[frequency_mirror(counts)] / sensitivity.max()
+
+
+def kps_ga_scales(counts: torch.Tensor, s: float, ga_max: float) -> torch.Tensor:
+    """Per-class "gradient adjustment" scales clamp(s * s_{mirror(c)}, s, ga_max) (spec §1.6 step 4).
+
+    A sample of class y uses entry y once GA is on: s for the head class, up to ga_max for the tail.
+    """
+    return torch.clamp(s * kps_sensitivity(counts)[frequency_mirror(counts)], s, ga_max)
+
+
+def kps_loss(
+    cosine: torch.Tensor,
+    labels: torch.Tensor,
+    sensitivity: torch.Tensor,
+    margins: torch.Tensor,
+    scale: torch.Tensor | float,
+) -> torch.Tensor:
+    """KPS loss on cosine logits: CE(scale_i * (s ⊙ cos_i - m_y e_y), y) (spec §1.6 steps 3-5).
+
+    ``scale`` is the global s (a float) or a per-sample vector (N,) of GA scales.
+    """
+    cosine = cosine.float()
+    scaled = subtract_target_margin(cosine * sensitivity.to(device=cosine.device, dtype=cosine.dtype), labels, margins)
+    row_scale = torch.as_tensor(scale, dtype=torch.float32, device=scaled.device).reshape(-1, 1)
+    return cross_entropy(row_scale * scaled, labels)
+
+
+def las_smoothing(counts: torch.Tensor, head: float, tail: float) -> torch.Tensor:
+    """MiSLAS "concave" label-aware smoothing eps_c = eps_K + (eps_1 - eps_K) sin(pi (n_c - n_K) / (2 (n_1 - n_K))).
+
+    Zhong et al. 2021 ("Improving Calibration for Long-Tailed Recognition"): eps_1 = head
+    for the largest class n_1, eps_K = tail for the smallest n_K. Equal counts give head for every
+    class (the formula is 0/0 there).
+    """
+    largest, smallest = counts.max(), counts.min()
+    if largest == smallest:
+        return torch.full_like(counts, head)
+    return tail + (head - tail) * torch.sin(math.pi * (counts - smallest) / (2 * (largest - smallest)))
+
+
+def las_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: torch.Tensor) -> torch.Tensor:
+    """Label-aware smoothing loss, mean over i of (1 - eps_y)(-log p_y) + eps_y mean_j(-log p_j).
+
+    The mean over j includes the ground truth, as the MiSLAS code does; the paper spreads eps_y
+    over the other C-1 classes only. The author confirms the code's GT weight 1 - eps + eps/C
+    (MiSLAS issue #4); both agree up to O(eps/C).
+    """
+    log_probs = F.log_softmax(logits.float(), dim=1)
+    eps = smoothing.to(device=log_probs.device, dtype=log_probs.dtype)[labels]
+    nll = -log_probs.gather(1, labels.unsqueeze(1)).squeeze(1)
+    uniform = -log_probs.mean(dim=1)
+    return ((1 - eps) * nll + eps * uniform).mean()
+
+
+def logit_adjustment(counts: torch.Tensor, tau: float) -> torch.Tensor:
+    """Offsets tau * log pi_c with the training prior pi_c = n_c / sum_j n_j.
+
+    Menon et al. 2021 ("Long-Tail Learning via Logit Adjustment"): CE(z + tau log pi, y).
+    """
+    return tau * torch.log(counts / counts.sum())
+
+
+def offset_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """CE(z + b, y) with a fixed per-class offset b: balanced softmax (b = log n) and logit adjustment."""
+    logits = logits.float()
+    return cross_entropy(logits + offsets.to(device=logits.device, dtype=logits.dtype), labels)
