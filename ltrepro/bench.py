@@ -17,7 +17,9 @@ import torch
 from ltrepro.config import Config
 from ltrepro.data import LTData
 from ltrepro.data.loader import make_loader
-from ltrepro.engine import mixup_objective, run_epoch
+from ltrepro.engine import run_epoch
+from ltrepro.losses import build_loss
+from ltrepro.objectives import Objective
 from ltrepro.models import Classifier
 
 
@@ -57,7 +59,7 @@ def time_epochs(model: Classifier, loader, device: torch.device, epochs: int) ->
     """Images per second over ``epochs`` training epochs, after one warm-up epoch."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    objective = mixup_objective(torch.nn.functional.cross_entropy, 0.0)
+    objective = Objective(build_loss("ce", [1]))
     seen, seconds = 0, 0.0
     for epoch in range(epochs + 1):
         _, took, count = run_epoch(model, objective, optimizer, scheduler, loader, device, 0, epoch, epochs + 1)

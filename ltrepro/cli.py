@@ -34,9 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(prepare)
     prepare.add_argument("--source", type=Path, help="folder with the four Fashion-MNIST idx .gz files")
 
-    train = commands.add_parser("train", help="train stage 1 and evaluate on test once, tracked in MLflow")
+    train = commands.add_parser(
+        "train",
+        help="run every stage of cfg.method (method=NAME), each evaluated on test once, tracked in MLflow",
+        description="Runs the stages of the configured method in order; a stage whose config and inputs match "
+        "a finished run is reused, not retrained.",
+    )
     add_config_arguments(train)
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a killed run from its last.pt")
+
+    methods = commands.add_parser("methods", help="list the registered methods, their stages and tunables")
+    methods.add_argument("--json", action="store_true", help="machine-readable output")
 
     evaluate = commands.add_parser("evaluate", help="evaluate a finished run's checkpoint on the test set")
     evaluate.add_argument("run_dir", type=Path, help="run directory (holds config.yaml and best.pt)")
@@ -77,13 +85,29 @@ def command_prepare(args: argparse.Namespace) -> None:
 def command_train(args: argparse.Namespace) -> None:
     from ltrepro.train import train
 
-    result = train(config_file(args.config), args.overrides, args.resume)
-    print("\nrun finished")
-    print(f"  MLflow run     {result.run_id}")
-    for key, value in result.metrics.items():
-        print(f"  {key:<15}{value:.2f}" if isinstance(value, float) else f"  {key:<15}{value}")
-    print(f"  checkpoint     {result.run_dir / 'best.pt'}")
-    print(f"  MLflow UI      {result.tracking_ui}")
+    for result in train(config_file(args.config), args.overrides, args.resume):
+        print(f"\n{result.stage}: {'reused' if result.reused else 'finished'}")
+        print(f"  MLflow run     {result.run_id}")
+        for key, value in result.metrics.items():
+            print(f"  {key:<15}{value:.2f}" if isinstance(value, float) else f"  {key:<15}{value}")
+        print(f"  checkpoint     {result.run_dir / 'best.pt'}")
+    if result.tracking_ui:
+        print(f"  MLflow UI      {result.tracking_ui}")
+
+
+def command_methods(args: argparse.Namespace) -> None:
+    from ltrepro.methods import METHODS
+
+    described = [METHODS.get(name).describe() for name in METHODS.names()]
+    if args.json:
+        print(json.dumps(described, indent=2))
+        return
+    for method in described:
+        stages = " -> ".join(
+            f"{s['name']}({s['config']}{', from ' + '+'.join(s['inputs']) if s['inputs'] else ''})" for s in method["stages"]
+        )
+        tunables = ", ".join(f"{t['key']} in [{t['low']}, {t['high']}]" for t in method["tunables"]) or "-"
+        print(f"{method['name']:<11} {method['summary']}\n{'':<11} stages: {stages}\n{'':<11} tunable: {tunables}")
 
 
 def command_evaluate(args: argparse.Namespace) -> None:
@@ -100,7 +124,8 @@ def command_bench(args: argparse.Namespace) -> None:
     from ltrepro.bench import bench_loader
     from ltrepro.config import load_config
     from ltrepro.data import load_data
-    from ltrepro.train import build_model, resolve, select_device
+    from ltrepro.stages import build_model
+    from ltrepro.train import resolve, select_device
 
     cfg = resolve(load_config(config_file(args.config), args.overrides))
     root = (args.config.parent if config_file(args.config) else Path.cwd()).resolve()
@@ -109,7 +134,13 @@ def command_bench(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2))
 
 
-COMMANDS = {"data": command_prepare, "train": command_train, "evaluate": command_evaluate, "bench": command_bench}
+COMMANDS = {
+    "data": command_prepare,
+    "train": command_train,
+    "methods": command_methods,
+    "evaluate": command_evaluate,
+    "bench": command_bench,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ is allowed.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -62,7 +63,7 @@ class ModelConfig:
 
 @dataclass
 class StageConfig:
-    """One training stage: optimiser, schedule, sampler, mixup and checkpoint selection."""
+    """One training stage: optimiser, schedule, sampler, loss, head, mixup, FCC, selection."""
 
     epochs: int = bounded(200, 1)
     batch_size: int = bounded(128, 2)
@@ -78,6 +79,36 @@ class StageConfig:
     mixup_alpha: float = bounded(0.0, 0.0)  # 0 = off
     sampler: Literal["instance", "class_balanced", "sqrt", "progressive"] = "instance"
     select: Literal["best_val", "last"] = "best_val"
+    loss: str = "ce"  # a registered loss (ltrepro.losses)
+    loss_params: dict[str, Any] = field(default_factory=dict)  # the loss's own parameters
+    head: Literal["linear", "cosine"] = "linear"
+    fcc: float = bounded(0.0, 0.0)  # FCC gamma (fsgl_fcc.md §1.3); 0 = off
+    fcc_start_epoch: int = bounded(0, 0)  # FCC scales features from epoch fcc_start_epoch + 1 (1-based)
+
+
+@dataclass
+class ClassifierStageConfig(StageConfig):
+    """Stage 2: frozen backbone(s), a classifier trained from ``init``, BN handled as ``bn``."""
+
+    init: Literal["stage1", "random"] = "stage1"  # the stage-1 head, or a fresh one (cRT)
+    bn: Literal["eval", "shift"] = "eval"  # frozen statistics, or MiSLAS shift (running stats follow)
+    head_lr_factor: float = bounded(1.0, 0.0)  # with LWS: classifier lr = lr * factor, scales at lr
+
+
+@dataclass
+class FFNConfig:
+    """FFN stage-2 fusion: z = lam cos(W, f_kps) + (1 - lam) cos(W, f_ce) (ffn_h2t.md §2.3)."""
+
+    lam: float = bounded(0.9, 0.0, 1.0)
+    kps_params: dict[str, Any] = field(default_factory=dict)  # the KPS branch's loss parameters
+    reference_bn_bug: bool = False  # bug F1: the CE backbone's BN left in train mode (off = the fix)
+
+
+@dataclass
+class H2TConfig:
+    """H2T grafting ratio: floor(rho K) last-stage channels of the fused sample replaced (§3.3)."""
+
+    rho: float = bounded(0.25, 0.0, 1.0)
 
 
 @dataclass
@@ -86,9 +117,18 @@ class Config:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     out_dir: str = "runs"  # checkpoints go to <out_dir>/<run name>/
     experiment: str = "ltrepro"  # MLflow experiment
+    method: str = "ce"  # a registered method (`ltrepro methods`)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     stage1: StageConfig = field(default_factory=StageConfig)
+    stage2: ClassifierStageConfig = field(
+        default_factory=lambda: ClassifierStageConfig(
+            epochs=10, batch_size=128, lr=0.02, warmup_epochs=0, sampler="class_balanced", weight_decay=5e-4
+        )
+    )
+    ffn: FFNConfig = field(default_factory=FFNConfig)
+    h2t: H2TConfig = field(default_factory=H2TConfig)
+    recipes: dict[str, Any] = field(default_factory=dict)  # per-method overrides, applied when it runs
 
 
 def _describe(tp: Any) -> str:
@@ -99,6 +139,8 @@ def _describe(tp: Any) -> str:
         return " or ".join("null" if a is type(None) else _describe(a) for a in typing.get_args(tp))
     if origin is list:
         return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
@@ -118,6 +160,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, list):
             (item,) = typing.get_args(tp)
             return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return dict(value)
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -129,27 +174,29 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise LtreproError(f"{key}: got {value!r}, expected {_describe(tp)}")
 
 
-def _build(cls: type, values: Any, prefix: str) -> Any:
+def _build(default: Any, values: Any, prefix: str) -> Any:
+    """A copy of the dataclass instance ``default`` with ``values`` validated and applied."""
     if not isinstance(values, dict):
         raise LtreproError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    cls = type(default)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise LtreproError(f"unknown key {prefix}{unknown[0]}; allowed: {', '.join(fields)}")
-    kwargs = {}
+    changes = {}
     for name, value in values.items():
         key, tp = prefix + name, hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, key + ".")
+            changes[name] = _build(getattr(default, name), value, key + ".")
             continue
         value = _coerce(value, tp, key)
         low, high = fields[name].metadata.get("min"), fields[name].metadata.get("max")
         if value is not None and ((low is not None and value < low) or (high is not None and value > high)):
             allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
             raise LtreproError(f"{key}: {value!r} is out of range; allowed: {allowed}")
-        kwargs[name] = value
-    return cls(**kwargs)
+        changes[name] = value
+    return dataclasses.replace(default, **changes)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -165,7 +212,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
-    """Set each ``key.sub=value`` in a nested dict; unknown keys are caught by validation."""
+    """Set each ``key.sub=value`` in a nested dict (in place); unknown keys are caught by validation."""
     for text in overrides:
         path, value = parse_override(text)
         node = values
@@ -189,7 +236,37 @@ def load_config(path: str | Path | None = "params.yaml", overrides: list[str] = 
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise LtreproError(f"{path}: not valid YAML ({exc})") from None
-    return _build(Config, apply_overrides(values, list(overrides)), "")
+    return _build(Config(), with_recipe(values, list(overrides)), "")
+
+
+def with_recipe(values: dict, overrides: list[str]) -> dict:
+    """params.yaml, then the chosen method's ``recipes`` entry, then the overrides (which win).
+
+    Every recipe is validated now, so a typo in any method's recipe fails at load, not mid-run.
+    """
+    recipes = values.get("recipes") or {}
+    if not isinstance(recipes, dict):
+        raise LtreproError(f"recipes: expected a mapping of method name to overrides, got {recipes!r}")
+    for name, recipe in recipes.items():
+        _build(Config(), recipe, f"recipes.{name}.")
+    method = apply_overrides(copy.deepcopy(values), overrides).get("method", Config.method)
+    return apply_overrides(deep_merge(values, recipes.get(method) or {}), overrides)
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    """A copy of ``base`` with ``extra``'s leaves written over it."""
+    merged = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def with_overrides(cfg: Config, values: dict) -> Config:
+    """``cfg`` with a nested dict of overrides validated and applied (method recipes, trials)."""
+    return _build(cfg, values, "")
 
 
 def to_dict(cfg: Any) -> dict:

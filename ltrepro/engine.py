@@ -1,7 +1,7 @@
 """The training loop shared by every stage: epochs, checkpoint/resume, AMP, progress, NaN guard.
 
-What a stage trains and how its loss is formed is passed in (an ``Objective``); the loop itself
-never changes when a method is added. Each epoch ends with a validation pass; the checkpoint
+What a stage trains and how its loss is formed is passed in (an ``Objective``, see
+``ltrepro.objectives``); the loop itself never changes when a method is added. Each epoch ends with a validation pass; the checkpoint
 kept for the final test is chosen on validation only (``select: best_val | last``).
 """
 from __future__ import annotations
@@ -23,30 +23,16 @@ from ltrepro.data.loader import fixed_seed_generator
 from ltrepro.errors import LtreproError
 from ltrepro.evaluate import balanced_accuracy
 
-Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor, np.random.Generator], torch.Tensor]
+class Objective(Protocol):
+    """A stage's loss: called every step; ``set_epoch`` (0-based) before every epoch."""
+
+    def __call__(self, model: nn.Module, images, labels: torch.Tensor, rng: np.random.Generator) -> torch.Tensor: ...
+    def set_epoch(self, epoch: int) -> None: ...
 
 
 class Loader(Protocol):
     def __len__(self) -> int: ...
     def epoch(self, epoch: int = 0, generator: torch.Generator | None = None) -> Iterable: ...
-
-
-def mixup_objective(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], alpha: float) -> Objective:
-    """loss_fn on the model's logits, with input mixup when alpha > 0 (spec ffn_h2t.md §1.4).
-
-    One lam ~ Beta(alpha, alpha) and one permutation pi per batch: x~ = lam x + (1 - lam) x[pi],
-    loss = lam L(f(x~), y) + (1 - lam) L(f(x~), y[pi]).
-    """
-
-    def objective(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        if alpha <= 0:
-            return loss_fn(model(images), labels)
-        lam = float(rng.beta(alpha, alpha))
-        perm = torch.from_numpy(rng.permutation(len(labels))).to(images.device)
-        logits = model(lam * images + (1 - lam) * images[perm])
-        return lam * loss_fn(logits, labels) + (1 - lam) * loss_fn(logits, labels[perm])
-
-    return objective
 
 
 def lr_factor(step: int, steps_per_epoch: int, stage: StageConfig) -> float:
@@ -123,17 +109,19 @@ def fit(
     num_classes: int,
     log_metrics: Callable[[dict, int], None] = lambda metrics, step: None,
     resume_state: dict | None = None,
-    parameters: Iterable[nn.Parameter] | None = None,
+    param_groups: list[dict] | None = None,
 ) -> FitResult:
     """Train ``model`` for ``stage.epochs`` epochs and return the checkpoint selected on validation.
 
-    ``last.pt`` (full state, every epoch) makes the run resumable; ``best.pt`` holds the weights
-    that ``stage.select`` picks. Epoch e draws its batches and mixup from generators seeded by
-    (seed, e), so a resumed run repeats an uninterrupted one exactly on CPU.
+    ``param_groups`` are the trainable parameters (all of the model's by default; stage 2 passes
+    only its head), each group's lr scaled by the schedule. ``last.pt`` (full state, every epoch)
+    makes the run resumable; ``best.pt`` holds the weights that ``stage.select`` picks. Epoch e
+    draws its batches and mixup from generators seeded by (seed, e), so a resumed run repeats an
+    uninterrupted one exactly on CPU.
     """
-    params = [p for p in (parameters if parameters is not None else model.parameters()) if p.requires_grad]
+    groups = param_groups if param_groups is not None else [{"params": list(model.parameters())}]
     optimizer = torch.optim.SGD(
-        params, lr=stage.lr, momentum=stage.momentum, weight_decay=stage.weight_decay, nesterov=stage.nesterov
+        groups, lr=stage.lr, momentum=stage.momentum, weight_decay=stage.weight_decay, nesterov=stage.nesterov
     )
     steps_per_epoch = len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, stage))
@@ -199,6 +187,7 @@ def run_epoch(
     reported when the bar refreshes and at the end of the epoch, before any checkpoint is written.
     """
     model.train()
+    objective.set_epoch(epoch)
     rng = np.random.default_rng([seed, epoch, 1])
     progress = Progress(epoch, epochs, len(loader))
     total = torch.zeros((), device=device)

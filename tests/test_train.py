@@ -8,6 +8,7 @@ import torch
 from ltrepro import engine
 from ltrepro.cli import main
 from ltrepro.errors import LtreproError
+from ltrepro import train as train_module
 from ltrepro.train import evaluate_run, train
 
 
@@ -20,7 +21,7 @@ def run_dirs(project):
 
 
 def test_resume_after_kill_equals_uninterrupted_run(project, monkeypatch):
-    full = train(project / "params.yaml", [])
+    (full,) = train(project / "params.yaml", ["out_dir=uninterrupted"])
     calls = {"n": 0}
     real_validation = engine.validation_accuracy
 
@@ -34,9 +35,10 @@ def test_resume_after_kill_equals_uninterrupted_run(project, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train(project / "params.yaml", [])
     monkeypatch.setattr(engine, "validation_accuracy", real_validation)
-    killed = [d for d in run_dirs(project) if d != full.run_dir][0]
+    (killed,) = run_dirs(project)
     assert torch.load(killed / "last.pt", weights_only=True)["epoch"] == 1
-    resumed = train(None, [], resume=killed)
+    assert json.loads((killed / "run.json").read_text())["status"] == "RUNNING"
+    (resumed,) = train(None, [], resume=killed)
 
     assert resumed.run_dir == killed
     for name in ("last.pt", "best.pt"):
@@ -50,7 +52,7 @@ def test_resume_after_kill_equals_uninterrupted_run(project, monkeypatch):
 
 
 def test_run_logs_params_tags_metrics_and_artifacts(project):
-    result = train(project / "params.yaml", ["stage1.epochs=2"])
+    (result,) = train(project / "params.yaml", ["stage1.epochs=2"])
     import mlflow
 
     run = mlflow.get_run(result.run_id)
@@ -71,7 +73,7 @@ def test_run_logs_params_tags_metrics_and_artifacts(project):
 
 
 def test_evaluate_reproduces_the_final_test_metrics(project):
-    result = train(project / "params.yaml", ["stage1.epochs=1"])
+    (result,) = train(project / "params.yaml", ["stage1.epochs=1"])
     again = evaluate_run(result.run_dir)
     assert again["test_top1"] == result.metrics["test_top1"]
     assert again["test_ece"] == pytest.approx(result.metrics["test_ece"])
@@ -79,19 +81,18 @@ def test_evaluate_reproduces_the_final_test_metrics(project):
 
 def test_selection_never_reads_the_test_split(project, monkeypatch):
     reads = []
-    real_make_loader = engine_make_loader = __import__("ltrepro.train", fromlist=["make_loader"]).make_loader
+    real_make_loader = train_module.make_loader
 
     def spy(data, split, *args, **kwargs):
         reads.append(split)
         return real_make_loader(data, split, *args, **kwargs)
 
-    monkeypatch.setattr("ltrepro.train.make_loader", spy)
+    monkeypatch.setattr(train_module, "make_loader", spy)
     train(project / "params.yaml", ["stage1.epochs=2"])
-    assert reads.count("test") == 1 and reads[-1] == "test"
-    assert engine_make_loader is real_make_loader
+    assert reads == ["val", "test"]  # the test loader is made once, after fit returned
 
 
-def test_nonfinite_loss_names_epoch_and_step(project):
+def test_nonfinite_loss_names_epoch_and_step():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
     batches = [(torch.ones(2, 4), torch.zeros(2, dtype=torch.long))] * 3
 
@@ -102,16 +103,21 @@ def test_nonfinite_loss_names_epoch_and_step(project):
         def epoch(self, epoch=0, generator=None):
             return iter(batches)
 
-    def objective(model, images, labels, rng):
-        loss = model(images).sum()
-        return loss * float("nan") if rng.integers(1) == 0 and Loader.step == 2 else loss
+    class NanAtSecondStep:
+        steps = 0
 
-    Loader.step = 0
-    counting = lambda m, x, y, r: (setattr(Loader, "step", Loader.step + 1), objective(m, x, y, r))[1]  # noqa: E731
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+        def __call__(self, model, images, labels, rng):
+            self.steps += 1
+            loss = model(images).sum()
+            return loss * float("nan") if self.steps == 2 else loss
+
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     with pytest.raises(LtreproError, match="NaN or infinite at epoch 4, step 2"):
-        engine.run_epoch(model, counting, optimizer, scheduler, Loader(), torch.device("cpu"), 0, 3, 5)
+        engine.run_epoch(model, NanAtSecondStep(), optimizer, scheduler, Loader(), torch.device("cpu"), 0, 3, 5)
 
 
 def test_bad_config_fails_before_anything_is_written(project, capsys):
@@ -134,7 +140,7 @@ def test_bad_config_fails_before_anything_is_written(project, capsys):
     ],
 )
 def test_bad_checkpoint_on_resume_is_one_line_and_loses_nothing(project, capsys, content, message):
-    result = train(project / "params.yaml", ["stage1.epochs=1"])
+    (result,) = train(project / "params.yaml", ["stage1.epochs=1"])
     last = result.run_dir / "last.pt"
     if content is None:
         torch.save({"state_dict": {"w": torch.zeros(1)}}, last)
@@ -151,7 +157,7 @@ def test_bad_checkpoint_on_resume_is_one_line_and_loses_nothing(project, capsys,
 
 
 def test_checkpoint_of_another_model_is_refused(project, capsys):
-    result = train(project / "params.yaml", ["stage1.epochs=1"])
+    (result,) = train(project / "params.yaml", ["stage1.epochs=1"])
     state = torch.load(result.run_dir / "last.pt", weights_only=True)
     state["model"] = {k: v[..., :1] if v.ndim else v for k, v in state["model"].items()}
     torch.save(state, result.run_dir / "last.pt")

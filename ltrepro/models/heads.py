@@ -1,0 +1,69 @@
+"""Classifier heads that replace ``Classifier.head``: linear, cosine (NormedLinear) and MiSLAS LWS."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ltrepro.errors import LtreproError
+from ltrepro.features import cosine_logits
+
+HeadKind = Literal["linear", "cosine"]
+
+
+class CosineClassifier(nn.Module):
+    """NormedLinear (ffn_h2t.md §1.3): z_ic = <f_i / ||f_i||, w_c / ||w_c||> in [-1, 1], no bias, no scale.
+
+    ``weight`` is stored (C, D) like ``nn.Linear``; the reference stores it (D, C), so load a reference
+    ``linear.weight`` with ``from_reference_weight``. Init: uniform(-1, 1), then each class vector
+    rescaled to unit L2 norm.
+    """
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.num_classes = num_classes
+        weight = torch.empty(num_classes, in_features).uniform_(-1, 1)
+        self.weight = nn.Parameter(weight / weight.norm(dim=1, keepdim=True))
+
+    @classmethod
+    def from_reference_weight(cls, weight_d_by_c: torch.Tensor) -> CosineClassifier:
+        """A head holding the transpose of a reference (FFN/KPS) NormedLinear weight of shape (D, C)."""
+        in_features, num_classes = weight_d_by_c.shape
+        head = cls(in_features, num_classes)
+        with torch.no_grad():
+            head.weight.copy_(weight_d_by_c.t())
+        return head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return cosine_logits(features, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, num_classes={self.num_classes}"
+
+
+class LearnableWeightScaling(nn.Module):
+    """MiSLAS LWS (ffn_h2t.md §1.6): z = g * head(f), with a learnable g in R^C initialised to 1.
+
+    ``head`` and ``scales`` are separate attributes so an optimiser can give them separate param groups.
+    """
+
+    def __init__(self, head: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.head = head
+        self.scales = nn.Parameter(torch.ones(num_classes))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features) * self.scales
+
+
+def make_head(kind: HeadKind, feature_dim: int, num_classes: int) -> nn.Module:
+    """``linear``: nn.Linear with kaiming_normal_ weight (as resnet32 inits it); ``cosine``: CosineClassifier."""
+    if kind == "linear":
+        head = nn.Linear(feature_dim, num_classes)
+        nn.init.kaiming_normal_(head.weight)
+        return head
+    if kind == "cosine":
+        return CosineClassifier(feature_dim, num_classes)
+    raise LtreproError(f"unknown head kind {kind!r}; allowed: linear, cosine")

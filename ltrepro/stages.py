@@ -1,0 +1,155 @@
+"""Stage plans: what one stage trains (model, objective, batches, parameter groups).
+
+A representation stage trains a whole ``Classifier`` from scratch (stage 1 of every method). A
+classifier stage loads stage-1 checkpoints, freezes their backbones and trains a head (stage 2):
+BN is explicit, ``eval`` (frozen statistics) or ``shift`` (MiSLAS: running statistics follow the
+stage-2 batches, affine parameters frozen). Methods compose these; the engine runs any of them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ltrepro.checkpoint import load_checkpoint, load_weights
+from ltrepro.config import Config, StageConfig, load_config
+from ltrepro.data import LTData
+from ltrepro.data.loader import fixed_seed_generator, make_loader
+from ltrepro.errors import LtreproError
+from ltrepro.features import class_ranks, fcc_factors
+from ltrepro.losses import build_loss
+from ltrepro.models import Classifier, create_model
+from ltrepro.models.heads import LearnableWeightScaling, make_head
+from ltrepro.objectives import FeatureScaling, Objective
+
+
+@dataclass
+class StagePlan:
+    """Everything ``engine.fit`` needs beyond the stage config."""
+
+    model: nn.Module
+    objective: Objective
+    train_loader: Any
+    param_groups: list[dict]
+
+
+def build_model(cfg: Config, data: LTData, head: str = "linear") -> Classifier:
+    """The configured backbone with a ``head`` of the given kind for this dataset."""
+    in_channels = cfg.model.in_channels or data.in_channels
+    if in_channels != data.in_channels:
+        raise LtreproError(f"model.in_channels={in_channels} but {data.name} images have {data.in_channels}")
+    try:
+        model = create_model(cfg.model.name, data.num_classes, in_channels)
+    except LtreproError as exc:
+        raise LtreproError(f"model.name: {exc}") from None
+    if head != "linear":
+        model.head = make_head(head, model.feature_dim, data.num_classes)
+    return model
+
+
+def stage_loss(stage: StageConfig, data: LTData, section: str):
+    try:
+        return build_loss(stage.loss, data.train_counts.tolist(), **stage.loss_params)
+    except LtreproError as exc:
+        raise LtreproError(f"{section}.loss: {exc}") from None
+
+
+def feature_scaling(stage: StageConfig, data: LTData) -> FeatureScaling:
+    """FCC factors ranked by training frequency (our fix of bug FC2), or off when stage.fcc is 0."""
+    if stage.fcc <= 0:
+        return FeatureScaling(None, 0)
+    factors = fcc_factors(data.num_classes, stage.fcc, class_ranks(data.train_counts.tolist()))
+    return FeatureScaling(factors, stage.fcc_start_epoch)
+
+
+def train_loader(cfg: Config, data: LTData, stage: StageConfig, device: torch.device, sampler: str | None = None):
+    return make_loader(
+        data, "train", stage.batch_size, device, cfg.data.augment, sampler or stage.sampler, stage.epochs,
+        cfg.data.num_workers,
+    )  # fmt: skip
+
+
+def representation_stage(cfg: Config, data: LTData, inputs: dict[str, Path], device: torch.device) -> StagePlan:
+    """Stage 1: the whole network, cfg.stage1's loss, head, mixup and FCC, instance sampling by default."""
+    stage = cfg.stage1
+    model = build_model(cfg, data, stage.head).to(device)
+    objective = Objective(stage_loss(stage, data, "stage1"), stage.mixup_alpha, feature_scaling(stage, data))
+    return StagePlan(model, objective, train_loader(cfg, data, stage, device), [{"params": list(model.parameters())}])
+
+
+class FrozenBackbone(nn.Module):
+    """A stage-1 backbone that never trains: no gradients, and BN as ``bn`` says.
+
+    ``eval``: BN always uses the stage-1 running statistics. ``shift``: in training the running
+    statistics are updated from the stage-2 batches (momentum 0.1) while the affine parameters stay
+    frozen (MiSLAS "shift learning on BN", ffn_h2t.md §3.3); evaluation uses them. ``batch``: BN in
+    train mode always, test included: FFN's reference bug F1, offered only to reproduce it.
+    """
+
+    def __init__(self, backbone: nn.Module, bn: str) -> None:
+        super().__init__()
+        self.backbone, self.bn = backbone, bn
+        for parameter in self.backbone.parameters():
+            parameter.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "FrozenBackbone":
+        self.training = mode
+        self.backbone.train((mode and self.bn == "shift") or self.bn == "batch")
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.backbone(images)
+
+
+def load_stage_model(run_dir: Path, data: LTData) -> Classifier:
+    """Rebuild a finished stage-1 run's model from its saved config and load its selected weights."""
+    cfg = load_config(run_dir / "config.yaml")
+    model = build_model(cfg, data, cfg.stage1.head)
+    path = run_dir / "best.pt"
+    load_weights(model, load_checkpoint(path)["model"], path)
+    return model
+
+
+def probe_model(stage1: Classifier, cfg: Config, data: LTData, lws: bool = False) -> Classifier:
+    """Stage-2 model on one frozen backbone: the head from ``stage2.init``, optionally LWS-scaled."""
+    stage = cfg.stage2
+    model = Classifier(FrozenBackbone(stage1.backbone, stage.bn), stage1.feature_dim, data.num_classes)
+    model.head = stage1.head if stage.init == "stage1" else make_head(stage.head, stage1.feature_dim, data.num_classes)
+    if lws:
+        model.head = LearnableWeightScaling(model.head, data.num_classes)
+    return model
+
+
+def head_param_groups(model: Classifier, lr: float, head_lr_factor: float = 1.0) -> list[dict]:
+    """The trainable head; with LWS, the classifier at lr * head_lr_factor and the scales at lr (MiSLAS §3.4)."""
+    if isinstance(model.head, LearnableWeightScaling):
+        return [
+            {"params": list(model.head.head.parameters()), "lr": lr * head_lr_factor},
+            {"params": [model.head.scales], "lr": lr},
+        ]
+    return [{"params": [p for p in model.head.parameters() if p.requires_grad]}]
+
+
+class PairedLoader:
+    """H2T dual sampling (ffn_h2t.md §3.3): batches of ((fused, fusing), fused labels).
+
+    The fused stream is class-balanced, the fusing stream instance-sampled; both are augmented
+    independently and drawn from generators derived from the epoch's, so runs stay reproducible.
+    """
+
+    def __init__(self, fused, fusing) -> None:
+        self.fused, self.fusing = fused, fusing
+        self.device = fused.device
+
+    def __len__(self) -> int:
+        return len(self.fused)
+
+    def epoch(self, epoch: int = 0, generator: torch.Generator | None = None) -> Iterator:
+        """Both streams hold N images in batches of one size, so they end together."""
+        second = fixed_seed_generator(int(torch.randint(2**31, (1,), generator=generator)), epoch)
+        for (images, labels), (other, _) in zip(self.fused.epoch(epoch, generator), self.fusing.epoch(epoch, second)):
+            yield (images, other), labels

@@ -1,0 +1,102 @@
+"""Every registered method end to end on the tiny project: stage 1 then stage 2, and the hand-off."""
+import json
+
+import pytest
+import torch
+import yaml
+
+from ltrepro.cli import main
+from ltrepro.methods import METHODS
+from ltrepro.train import train
+
+FAST = ["stage1.epochs=2", "stage2.epochs=2", "stage2.batch_size=16", "ffn.kps_params={ga_epoch: 1}"]
+
+
+def weights(run_dir):
+    return torch.load(run_dir / "best.pt", weights_only=True)["model"]
+
+
+def stage2_prefixes(method: str) -> dict[str, str]:
+    """Where each stage-1 backbone sits inside the stage-2 model's state dict."""
+    if method == "ffn":
+        return {"stage1_ce": "ce.backbone.", "stage1_kps": "kps.backbone."}
+    return {"stage1": "backbone.backbone."}
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_method_runs_end_to_end_and_hands_off_exact_weights(project, name):
+    method = METHODS.get(name)
+    results = train(project / "params.yaml", [f"method={name}", *FAST])
+    assert [r.stage for r in results] == [s.name for s in method.stages]
+    by_stage = {r.stage: r for r in results}
+    for result in results:
+        assert {"val_top1", "test_top1", "test_many", "test_medium", "test_few", "test_ece"} <= set(result.metrics)
+    if len(method.stages) == 1:
+        return
+    stage2 = weights(by_stage["stage2"].run_dir)
+    shift_bn = yaml.safe_load((by_stage["stage2"].run_dir / "config.yaml").read_text())["stage2"]["bn"] == "shift"
+    for stage, prefix in stage2_prefixes(name).items():
+        stage1 = weights(by_stage[stage].run_dir)
+        backbone = {k.removeprefix("backbone."): v for k, v in stage1.items() if k.startswith("backbone.")}
+        for key, value in backbone.items():
+            frozen = stage2[prefix + key]
+            if shift_bn and ("running_" in key or "num_batches_tracked" in key):
+                continue  # shift BN: running statistics follow the stage-2 batches by design
+            assert torch.equal(frozen, value), f"{name}: {stage} {key} changed in stage 2"
+    head_keys = [k for k in stage2 if k.startswith("head.")]
+    assert head_keys
+    stage1_head = {k: v for k, v in weights(results[-2].run_dir).items() if k.startswith("head.")}
+    changed = [k for k in head_keys if k not in stage1_head or not torch.equal(stage2[k], stage1_head[k])]
+    assert changed, f"{name}: stage 2 did not train its head"
+    run_json = json.loads((by_stage["stage2"].run_dir / "run.json").read_text())
+    assert set(run_json["inputs"]) == set(method.stages[-1].inputs)
+
+
+def test_finished_stages_are_reused_not_retrained(project):
+    first = train(project / "params.yaml", ["method=crt", *FAST])
+    again = train(project / "params.yaml", ["method=crt", *FAST])
+    assert [r.reused for r in again] == [True, True]
+    assert [r.run_dir for r in again] == [r.run_dir for r in first]
+    ce = train(project / "params.yaml", ["method=ce", *FAST])  # cRT's stage 1 is the CE baseline
+    assert ce[0].reused and ce[0].run_dir == first[0].run_dir
+    changed = train(project / "params.yaml", ["method=crt", *FAST, "stage2.lr=0.01"])
+    assert [r.reused for r in changed] == [True, False]
+
+
+def test_stage2_records_its_inputs_in_mlflow(project):
+    import mlflow
+
+    results = train(project / "params.yaml", ["method=ffn", *FAST])
+    tags = mlflow.get_run(results[-1].run_id).data.tags
+    assert tags["input.stage1_ce.run_id"] == results[0].run_id
+    assert tags["input.stage1_kps.run_id"] == results[1].run_id
+    assert tags["method"] == "ffn" and tags["stage"] == "stage2"
+
+
+def test_methods_command_lists_stages_and_tunables(capsys):
+    assert main(["methods", "--json"]) == 0
+    listed = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
+    assert set(listed) == set(METHODS.names())
+    assert [s["name"] for s in listed["ffn"]["stages"]] == ["stage1_ce", "stage1_kps", "stage2"]
+    assert listed["ffn"]["tunables"][0]["key"] == "ffn.lam" and listed["h2t"]["tunables"][0]["key"] == "h2t.rho"
+
+
+def test_unknown_method_and_bad_recipe_fail_at_once(project, capsys):
+    assert main(["train", "--config", str(project / "params.yaml"), "method=ldam_drw"]) == 2
+    assert "method: unknown method 'ldam_drw'" in capsys.readouterr().err
+    assert main(["train", "--config", str(project / "params.yaml"), "method=crt", "stage2.loss=lsq"]) == 2
+    assert "stage2.loss: unknown loss 'lsq'" in capsys.readouterr().err
+    assert main(["train", "--config", str(project / "params.yaml"), "stage1.loss_params={s: 3}"]) == 2
+    assert "stage1.loss: loss 'ce': unknown parameter 's'" in capsys.readouterr().err
+    assert not (project / "runs").exists()  # nothing trained before the errors
+
+
+@pytest.mark.parametrize("name, key", [("ce", "stage1.fcc"), ("ffn", "stage1.fcc"), ("h2t", "stage2.fcc")])
+def test_fcc_composes_with_ce_ffn_stage1_and_h2t(project, name, key):
+    plain = train(project / "params.yaml", [f"method={name}", *FAST])
+    scaled = train(project / "params.yaml", [f"method={name}", *FAST, f"{key}=0.5"])
+    assert not scaled[-1].reused
+    a, b = weights(plain[-1].run_dir), weights(scaled[-1].run_dir)
+    assert any(not torch.equal(a[k], b[k]) for k in a), f"FCC ({key}) changed nothing in {name}"
+    config = yaml.safe_load((scaled[0].run_dir / "config.yaml").read_text())
+    assert config[key.split(".")[0]]["fcc"] == 0.5 or key.startswith("stage2")
