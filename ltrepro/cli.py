@@ -11,12 +11,15 @@ from pathlib import Path
 
 from ltrepro.errors import LtreproError
 
-CONFIG_HELP = "params file holding the defaults (default: ./params.yaml)"
+CONFIG_HELP = (
+    "params file holding the defaults (default: ./params.yaml); repeat to layer files, e.g. "
+    "--config params.yaml --config configs/cifar100_lt/ffn_if100.yaml"
+)
 OVERRIDE_HELP = "overrides of params.yaml, e.g. stage1.lr=0.05 data.name=cifar100_lt"
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=Path("params.yaml"), help=CONFIG_HELP)
+    parser.add_argument("--config", type=Path, action="append", help=CONFIG_HELP)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDE_HELP)
 
 
@@ -61,17 +64,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_file(path: Path) -> Path | None:
-    """params.yaml when present; the built-in defaults when the default file is absent."""
-    return path if path.is_file() or path != Path("params.yaml") else None
+def config_files(args: argparse.Namespace) -> list[Path] | None:
+    """The --config files in order; ./params.yaml when none is given (the built-in defaults if absent)."""
+    if args.config:
+        return args.config
+    return [Path("params.yaml")] if Path("params.yaml").is_file() else None
+
+
+def project_root(args: argparse.Namespace) -> Path:
+    """Relative paths (data.root, out_dir) resolve against the first config file's folder."""
+    files = config_files(args)
+    return (files[0].parent if files else Path.cwd()).resolve()
 
 
 def command_prepare(args: argparse.Namespace) -> None:
     from ltrepro.config import load_config
     from ltrepro.data import fmnist, load_data, resolve_data_config
 
-    cfg = load_config(config_file(args.config), args.overrides)
-    root = (args.config.parent if config_file(args.config) else Path.cwd()).resolve()
+    cfg = load_config(config_files(args), args.overrides)
+    root = project_root(args)
     data_cfg = resolve_data_config(cfg.data)
     if data_cfg.name == "fmnist_lt":
         target = fmnist.prepare(root / data_cfg.root, args.source or fmnist.DEBIAN_DIR)
@@ -85,7 +96,7 @@ def command_prepare(args: argparse.Namespace) -> None:
 def command_train(args: argparse.Namespace) -> None:
     from ltrepro.train import train
 
-    for result in train(config_file(args.config), args.overrides, args.resume):
+    for result in train(config_files(args), args.overrides, args.resume):
         print(f"\n{result.stage}: {'reused' if result.reused else 'finished'}")
         print(f"  MLflow run     {result.run_id}")
         for key, value in result.metrics.items():
@@ -127,8 +138,8 @@ def command_bench(args: argparse.Namespace) -> None:
     from ltrepro.stages import build_model
     from ltrepro.train import resolve, select_device
 
-    cfg = resolve(load_config(config_file(args.config), args.overrides))
-    root = (args.config.parent if config_file(args.config) else Path.cwd()).resolve()
+    cfg = resolve(load_config(config_files(args), args.overrides))
+    root = project_root(args)
     data = load_data(cfg.data, cfg.seed, root)
     result = bench_loader(cfg, data, lambda: build_model(cfg, data), select_device(cfg.device), args.epochs, args.out)
     print(json.dumps(result, indent=2))

@@ -225,22 +225,29 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
-def load_config(path: str | Path | None = "params.yaml", overrides: list[str] = ()) -> Config:
-    """Load params.yaml (or start from the dataclass defaults when path is None), apply overrides."""
-    values: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise LtreproError(f"config file not found: {path}")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise LtreproError(f"{path}: not valid YAML ({exc})") from None
-    return _build(Config(), with_recipe(values, list(overrides)), "")
+def read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise LtreproError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise LtreproError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(values, dict):
+        raise LtreproError(f"{path}: expected a mapping of keys, got {type(values).__name__}")
+    return values
 
 
-def with_recipe(values: dict, overrides: list[str]) -> dict:
-    """params.yaml, then the chosen method's ``recipes`` entry, then the overrides (which win).
+def load_config(path: str | Path | None | list = "params.yaml", overrides: list[str] = ()) -> Config:
+    """Load params.yaml (or the dataclass defaults when path is None), apply the method's recipe,
+    then any further files (``path`` may be a list: params.yaml first, e.g. a paper-recipe file
+    after it), then the ``key.sub=value`` overrides."""
+    paths = [Path(p) for p in (path if isinstance(path, list) else [path] if path is not None else [])]
+    layers = [read_yaml(p) for p in paths]
+    return _build(Config(), with_recipe(layers[0] if layers else {}, layers[1:], list(overrides)), "")
+
+
+def with_recipe(values: dict, layers: list[dict], overrides: list[str]) -> dict:
+    """params.yaml, then the chosen method's ``recipes`` entry, then later files, then the overrides.
 
     Every recipe is validated now, so a typo in any method's recipe fails at load, not mid-run.
     """
@@ -249,8 +256,11 @@ def with_recipe(values: dict, overrides: list[str]) -> dict:
         raise LtreproError(f"recipes: expected a mapping of method name to overrides, got {recipes!r}")
     for name, recipe in recipes.items():
         _build(Config(), recipe, f"recipes.{name}.")
-    method = apply_overrides(copy.deepcopy(values), overrides).get("method", Config.method)
-    return apply_overrides(deep_merge(values, recipes.get(method) or {}), overrides)
+    later = {}
+    for layer in layers:
+        later = deep_merge(later, layer)
+    method = apply_overrides(deep_merge(values, later), overrides).get("method", Config.method)
+    return apply_overrides(deep_merge(deep_merge(values, recipes.get(method) or {}), later), overrides)
 
 
 def deep_merge(base: dict, extra: dict) -> dict:

@@ -101,7 +101,7 @@ def read_run(run_dir: Path) -> dict:
     return {**json.loads((run_dir / "run.json").read_text()), "run_dir": run_dir}
 
 
-def train(config_path: Path | None, overrides: list[str], resume: Path | None = None) -> list[RunResult]:
+def train(config_paths: Path | list[Path] | None, overrides: list[str], resume: Path | None = None) -> list[RunResult]:
     """Run every stage of ``cfg.method``, or finish the killed stage at ``resume`` and go on."""
     if resume is not None:
         if overrides:
@@ -117,8 +117,9 @@ def train(config_path: Path | None, overrides: list[str], resume: Path | None = 
         run_stage(cfg, root, method, stage, inputs, info["stage_key"], (run_dir, info["mlflow_run_id"], state))
         method_cfg = run_dir / "method_config.yaml"
         return run_method(resolve(load_config(method_cfg)), root)
-    root = (config_path.parent if config_path else Path.cwd()).resolve()
-    return run_method(resolve(load_config(config_path, overrides)), root)
+    paths = config_paths if isinstance(config_paths, list) else [config_paths] if config_paths else []
+    root = (paths[0].parent if paths else Path.cwd()).resolve()
+    return run_method(resolve(load_config(paths or None, overrides)), root)
 
 
 def check_losses(cfg: Config) -> None:

@@ -58,3 +58,25 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("stage1: [unclosed\n")
     with pytest.raises(LtreproError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_precedence_params_then_recipe_then_later_files_then_overrides(tmp_path):
+    import yaml
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"stage2": {"lr": 0.3}, "recipes": {"ffn": {"stage2": {"lr": 0.002, "epochs": 30}}}}))
+    paper = tmp_path / "paper.yaml"
+    paper.write_text(yaml.safe_dump({"method": "ffn", "stage2": {"epochs": 40}}))
+    assert load_config(params).stage2.lr == 0.3  # method ce: no recipe
+    recipe = load_config([params, paper])
+    assert (recipe.method, recipe.stage2.lr, recipe.stage2.epochs) == ("ffn", 0.002, 40)
+    assert load_config([params, paper], ["stage2.epochs=5"]).stage2.epochs == 5
+
+
+def test_bad_recipe_fails_at_load_even_for_another_method(tmp_path):
+    import yaml
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"recipes": {"h2t": {"h2t": {"rho": 2.0}}}}))
+    with pytest.raises(LtreproError, match=r"recipes.h2t.h2t.rho: 2.0 is out of range; allowed: in \[0.0, 1.0\]"):
+        load_config(params)
