@@ -102,8 +102,7 @@ def command_train(args: argparse.Namespace) -> None:
         for key, value in result.metrics.items():
             print(f"  {key:<15}{value:.2f}" if isinstance(value, float) else f"  {key:<15}{value}")
         print(f"  checkpoint     {result.run_dir / 'best.pt'}")
-    if result.tracking_ui:
-        print(f"  MLflow UI      {result.tracking_ui}")
+    print(f"  MLflow UI      {result.tracking_ui}")
 
 
 def command_methods(args: argparse.Namespace) -> None:

@@ -30,7 +30,7 @@ from ltrepro.errors import LtreproError
 from ltrepro.evaluate import save_plots, summarize
 from ltrepro.losses import build_loss
 from ltrepro.methods import METHODS, Method, Stage
-from ltrepro.tracking import Tracker, run_tags
+from ltrepro.tracking import Tracker, run_tags, tracking_uri
 
 FINAL_METRICS = ("top1", "many", "medium", "few", "ece", "balanced", "nll")
 
@@ -143,7 +143,8 @@ def run_method(cfg: Config, root: Path) -> list[RunResult]:
         finished = find_finished(root / cfg.out_dir, key)
         if finished is not None:
             info = json.loads((finished / "run.json").read_text())
-            result = RunResult(info["mlflow_run_id"], finished, stage.name, info.get("metrics", {}), "", reused=True)
+            ui = f"mlflow ui --backend-store-uri {tracking_uri(root)}"
+            result = RunResult(info["mlflow_run_id"], finished, stage.name, info.get("metrics", {}), ui, reused=True)
             print(f"{method.name}/{stage.name}: reusing finished run {finished.name}", flush=True)
         else:
             result = run_stage(stage_cfg, root, method, stage, inputs, key, method_cfg=cfg)

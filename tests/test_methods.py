@@ -7,7 +7,7 @@ import yaml
 
 from ltrepro.cli import main
 from ltrepro.methods import METHODS
-from ltrepro.train import train
+from ltrepro.train import evaluate_run, train
 
 FAST = ["stage1.epochs=2", "stage2.epochs=2", "stage2.batch_size=16", "ffn.kps_params={ga_epoch: 1}"]
 
@@ -31,6 +31,8 @@ def test_method_runs_end_to_end_and_hands_off_exact_weights(project, name):
     by_stage = {r.stage: r for r in results}
     for result in results:
         assert {"val_top1", "test_top1", "test_many", "test_medium", "test_few", "test_ece"} <= set(result.metrics)
+    rebuilt = evaluate_run(results[-1].run_dir)  # the final model rebuilt from its config and inputs
+    assert rebuilt["test_top1"] == results[-1].metrics["test_top1"]
     if len(method.stages) == 1:
         return
     stage2 = weights(by_stage["stage2"].run_dir)
@@ -55,7 +57,7 @@ def test_method_runs_end_to_end_and_hands_off_exact_weights(project, name):
 def test_finished_stages_are_reused_not_retrained(project):
     first = train(project / "params.yaml", ["method=crt", *FAST])
     again = train(project / "params.yaml", ["method=crt", *FAST])
-    assert [r.reused for r in again] == [True, True]
+    assert [r.reused for r in again] == [True, True] and again[-1].tracking_ui.startswith("mlflow ui --backend-store-uri sqlite:")
     assert [r.run_dir for r in again] == [r.run_dir for r in first]
     ce = train(project / "params.yaml", ["method=ce", *FAST])  # cRT's stage 1 is the CE baseline
     assert ce[0].reused and ce[0].run_dir == first[0].run_dir
