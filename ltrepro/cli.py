@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", default="best.pt", help="file in the run directory (default best.pt)")
     evaluate.add_argument("--out", type=Path, help="write the metrics JSON here (default RUN_DIR/evaluation.json)")
 
+    report = commands.add_parser("report", help="results table (mean ± std over seeds) from finished runs")
+    add_config_arguments(report)
+    report.add_argument("--methods", nargs="+", default=["ce", "crt", "ffn", "h2t", "mislas", "ce_fcc"])
+    report.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    report.add_argument("--out", type=Path, help="also write the markdown table here")
+
     bench = commands.add_parser("bench", help="benchmarks; results are written to files")
     loader = bench.add_subparsers(dest="bench_command", required=True).add_parser(
         "loader", help="img/s of a training epoch: device-resident loader vs torchvision DataLoader"
@@ -130,6 +136,15 @@ def command_evaluate(args: argparse.Namespace) -> None:
     print(f"written to {out}")
 
 
+def command_report(args: argparse.Namespace) -> None:
+    from ltrepro.report import collect, markdown_table
+
+    table = markdown_table(collect(config_files(args), project_root(args), args.methods, args.seeds, args.overrides))
+    print(table)
+    if args.out:
+        args.out.write_text(table)
+
+
 def command_bench(args: argparse.Namespace) -> None:
     from ltrepro.bench import bench_loader
     from ltrepro.config import load_config
@@ -149,6 +164,7 @@ COMMANDS = {
     "train": command_train,
     "methods": command_methods,
     "evaluate": command_evaluate,
+    "report": command_report,
     "bench": command_bench,
 }
 

@@ -132,24 +132,33 @@ def check_losses(cfg: Config) -> None:
             raise LtreproError(f"{section}.loss: {exc}") from None
 
 
+def plan_method(cfg: Config) -> list[tuple[Stage, Config, str]]:
+    """Each stage of cfg.method with its config and key; keys depend on config alone, so a
+    report can find a method's finished runs without running anything."""
+    method = get_method(cfg.method)
+    plan, keys = [], {}
+    for stage in method.stages:
+        stage_cfg = with_overrides(cfg, stage.overrides(cfg))
+        keys[stage.name] = stage_key(stage_cfg, method, stage, {name: keys[name] for name in stage.inputs})
+        plan.append((stage, stage_cfg, keys[stage.name]))
+    return plan
+
+
 def run_method(cfg: Config, root: Path) -> list[RunResult]:
     method = get_method(cfg.method)
     check_losses(cfg)
-    done: dict[str, tuple[RunResult, str]] = {}
-    for stage in method.stages:
-        stage_cfg = with_overrides(cfg, stage.overrides(cfg))
-        inputs = {name: done[name][0].run_dir for name in stage.inputs}
-        key = stage_key(stage_cfg, method, stage, {name: done[name][1] for name in stage.inputs})
+    done: dict[str, RunResult] = {}
+    for stage, stage_cfg, key in plan_method(cfg):
         finished = find_finished(root / cfg.out_dir, key)
         if finished is not None:
             info = json.loads((finished / "run.json").read_text())
             ui = f"mlflow ui --backend-store-uri {tracking_uri(root)}"
-            result = RunResult(info["mlflow_run_id"], finished, stage.name, info.get("metrics", {}), ui, reused=True)
+            done[stage.name] = RunResult(info["mlflow_run_id"], finished, stage.name, info.get("metrics", {}), ui, True)
             print(f"{method.name}/{stage.name}: reusing finished run {finished.name}", flush=True)
         else:
-            result = run_stage(stage_cfg, root, method, stage, inputs, key, method_cfg=cfg)
-        done[stage.name] = (result, key)
-    return [result for result, _ in done.values()]
+            inputs = {name: done[name].run_dir for name in stage.inputs}
+            done[stage.name] = run_stage(stage_cfg, root, method, stage, inputs, key, method_cfg=cfg)
+    return list(done.values())
 
 
 def new_run_dir(out_dir: Path, cfg: Config, method: Method, stage: Stage) -> Path:

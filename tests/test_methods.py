@@ -102,3 +102,15 @@ def test_fcc_composes_with_ce_ffn_stage1_and_h2t(project, name, key):
     assert any(not torch.equal(a[k], b[k]) for k in a), f"FCC ({key}) changed nothing in {name}"
     config = yaml.safe_load((scaled[0].run_dir / "config.yaml").read_text())
     assert config[key.split(".")[0]]["fcc"] == 0.5 or key.startswith("stage2")
+
+
+def test_report_reads_the_runs_the_runner_made(project):
+    from ltrepro.report import collect, markdown_table
+
+    results = train(project / "params.yaml", ["method=crt", *FAST])
+    table = collect([project / "params.yaml"], project, ["crt", "ce", "h2t"], [0, 1], FAST)
+    assert table["crt"][0] == results[-1].metrics and table["ce"][0] == results[0].metrics  # shared stage 1
+    assert table["crt"][1] is None and table["h2t"][0] is None
+    text = markdown_table(table)
+    assert f"| crt | 0 (missing 1) | {results[-1].metrics['test_top1']:.2f} |" in text
+    assert "| h2t |  (missing 0,1) | - |" in text
