@@ -216,7 +216,7 @@ def run_stage(
         tracker.end("FAILED")
         raise
     tracker.end()
-    (run_dir / "run.json").write_text(json.dumps({**info, "status": "FINISHED", "metrics": metrics}, indent=2))
+    (run_dir / "run.json").write_text(to_json({**info, "status": "FINISHED", "metrics": metrics}))
     return RunResult(tracker.run_id, run_dir, stage.name, metrics, tracker.ui_command())
 
 
