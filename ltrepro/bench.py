@@ -72,7 +72,7 @@ def data_only(loader, epochs: int) -> float:
     """Images per second of producing augmented batches alone."""
     start, seen = time.perf_counter(), 0
     for epoch in range(epochs):
-        for images, labels in loader.epoch(epoch, torch.Generator().manual_seed(epoch)):
+        for _, labels in loader.epoch(epoch, torch.Generator().manual_seed(epoch)):
             seen += len(labels)
     if loader.device.type == "cuda":
         torch.cuda.synchronize()

@@ -151,5 +151,7 @@ class PairedLoader:
     def epoch(self, epoch: int = 0, generator: torch.Generator | None = None) -> Iterator:
         """Both streams hold N images in batches of one size, so they end together."""
         second = fixed_seed_generator(int(torch.randint(2**31, (1,), generator=generator)), epoch)
-        for (images, labels), (other, _) in zip(self.fused.epoch(epoch, generator), self.fusing.epoch(epoch, second)):
+        for (images, labels), (other, _) in zip(
+            self.fused.epoch(epoch, generator), self.fusing.epoch(epoch, second), strict=True
+        ):
             yield (images, other), labels
