@@ -93,12 +93,29 @@ def find_finished(out_dir: Path, key: str) -> Path | None:
     return None
 
 
+RUN_KEYS = ("mlflow_run_id", "project_root", "method", "stage", "inputs", "stage_key")
+
+
 def read_run(run_dir: Path) -> dict:
-    """run.json of a run directory (or of the directory holding a checkpoint)."""
+    """run.json of a run directory (or of the directory holding a checkpoint), checked."""
     run_dir = run_dir.parent if run_dir.is_file() else run_dir
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "run.json").is_file():
         raise LtreproError(f"{run_dir}: not an ltrepro run directory (it needs config.yaml and run.json)")
-    return {**json.loads((run_dir / "run.json").read_text()), "run_dir": run_dir}
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise LtreproError(f"{run_dir / 'run.json'}: not valid JSON ({exc})") from None
+    missing = [key for key in RUN_KEYS if key not in info]
+    if missing:
+        raise LtreproError(f"{run_dir / 'run.json'}: lacks {', '.join(missing)} (written by an older ltrepro?)")
+    return {**info, "run_dir": run_dir}
+
+
+def find_stage(method: Method, name: str) -> Stage:
+    for stage in method.stages:
+        if stage.name == name:
+            return stage
+    raise LtreproError(f"method {method.name!r} has no stage {name!r}; its stages: {[s.name for s in method.stages]}")
 
 
 def train(config_paths: Path | list[Path] | None, overrides: list[str], resume: Path | None = None) -> list[RunResult]:
@@ -112,7 +129,7 @@ def train(config_paths: Path | list[Path] | None, overrides: list[str], resume: 
         state = load_checkpoint(run_dir / "last.pt", required)
         cfg = resolve(load_config(run_dir / "config.yaml"))
         method = get_method(info["method"])
-        stage = next(s for s in method.stages if s.name == info["stage"])
+        stage = find_stage(method, info["stage"])
         inputs = {name: Path(path) for name, path in info["inputs"].items()}
         run_stage(cfg, root, method, stage, inputs, info["stage_key"], (run_dir, info["mlflow_run_id"], state))
         method_cfg = run_dir / "method_config.yaml"
@@ -272,7 +289,7 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best.pt") -> dict:
     info = read_run(run_dir)
     run_dir, root = info["run_dir"], Path(info["project_root"])
     cfg = resolve(load_config(run_dir / "config.yaml"))
-    stage = next(s for s in get_method(info["method"]).stages if s.name == info["stage"])
+    stage = find_stage(get_method(info["method"]), info["stage"])
     path = run_dir / checkpoint
     state = load_checkpoint(path)
     device = select_device(cfg.device)

@@ -183,3 +183,15 @@ def test_lr_schedule_warmup_then_cosine_or_steps():
     assert np.all(np.diff(factors[10:]) < 0)
     steps = StageConfig(epochs=10, warmup_epochs=0, schedule="multistep", milestones=[4, 8], gamma=0.1)
     assert [engine.lr_factor(e * 5, 5, steps) for e in (0, 4, 8)] == pytest.approx([1.0, 0.1, 0.01])
+
+
+def test_run_json_from_elsewhere_is_one_line(project, capsys):
+    (result,) = train(project / "params.yaml", ["stage1.epochs=1"])
+    info = json.loads((result.run_dir / "run.json").read_text())
+    (result.run_dir / "run.json").write_text(json.dumps({k: info[k] for k in ("mlflow_run_id", "project_root")}))
+    capsys.readouterr()
+    assert main(["evaluate", str(result.run_dir)]) == 2
+    assert "lacks method, stage, inputs, stage_key" in capsys.readouterr().err
+    (result.run_dir / "run.json").write_text(json.dumps({**info, "stage": "stage9"}))
+    assert main(["train", "--resume", str(result.run_dir)]) == 2
+    assert "method 'ce' has no stage 'stage9'" in capsys.readouterr().err
