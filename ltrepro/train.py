@@ -169,8 +169,9 @@ def run_method(cfg: Config, root: Path) -> list[RunResult]:
         finished = find_finished(root / cfg.out_dir, key)
         if finished is not None:
             info = json.loads((finished / "run.json").read_text())
+            metrics = {k: float("nan") if v is None else v for k, v in info.get("metrics", {}).items()}
             ui = f"mlflow ui --backend-store-uri {tracking_uri(root)}"
-            done[stage.name] = RunResult(info["mlflow_run_id"], finished, stage.name, info.get("metrics", {}), ui, True)
+            done[stage.name] = RunResult(info["mlflow_run_id"], finished, stage.name, metrics, ui, True)
             print(f"{method.name}/{stage.name}: reusing finished run {finished.name}", flush=True)
         else:
             inputs = {name: done[name].run_dir for name in stage.inputs}
