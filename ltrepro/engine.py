@@ -76,8 +76,7 @@ class Progress:
     def __init__(self, epoch: int, epochs: int, steps: int) -> None:
         from tqdm import tqdm
 
-        self.interactive = sys.stderr.isatty()
-        self.bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not self.interactive)
+        self.bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not sys.stderr.isatty())
 
     def update(self, loss: float, images_per_second: float) -> None:
         self.bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{images_per_second:.0f}", refresh=False)

@@ -19,6 +19,11 @@ def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
 
 
+def ui_command(root: Path) -> str:
+    """The command that opens the MLflow UI on this project's store."""
+    return f"mlflow ui --backend-store-uri {tracking_uri(root)}"
+
+
 def git_commit(root: Path) -> str:
     """HEAD's sha, suffixed ``-dirty`` when tracked files differ from it; ``unknown`` outside git."""
     def git(*args: str) -> str:
@@ -55,9 +60,8 @@ class Tracker:
     def __init__(self, root: Path, experiment: str, run_name: str, run_id: str | None = None) -> None:
         import mlflow
 
-        self.mlflow = mlflow
-        self.uri = tracking_uri(root)
-        mlflow.set_tracking_uri(self.uri)
+        self.mlflow, self.root = mlflow, root
+        mlflow.set_tracking_uri(tracking_uri(root))
         if mlflow.get_experiment_by_name(experiment) is None:
             mlflow.create_experiment(experiment, artifact_location=(root / "mlartifacts").resolve().as_uri())
         mlflow.set_experiment(experiment)
@@ -81,4 +85,4 @@ class Tracker:
         self.mlflow.end_run(status=status)
 
     def ui_command(self) -> str:
-        return f"mlflow ui --backend-store-uri {self.uri}"
+        return ui_command(self.root)

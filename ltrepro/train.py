@@ -30,7 +30,7 @@ from ltrepro.errors import LtreproError
 from ltrepro.evaluate import save_plots, summarize
 from ltrepro.losses import build_loss
 from ltrepro.methods import METHODS, Method, Stage
-from ltrepro.tracking import Tracker, run_tags, tracking_uri
+from ltrepro.tracking import Tracker, run_tags, ui_command
 
 FINAL_METRICS = ("top1", "many", "medium", "few", "ece", "balanced", "nll")
 
@@ -170,8 +170,7 @@ def run_method(cfg: Config, root: Path) -> list[RunResult]:
         if finished is not None:
             info = json.loads((finished / "run.json").read_text())
             metrics = {k: float("nan") if v is None else v for k, v in info.get("metrics", {}).items()}
-            ui = f"mlflow ui --backend-store-uri {tracking_uri(root)}"
-            done[stage.name] = RunResult(info["mlflow_run_id"], finished, stage.name, metrics, ui, True)
+            done[stage.name] = RunResult(info["mlflow_run_id"], finished, stage.name, metrics, ui_command(root), True)
             print(f"{method.name}/{stage.name}: reusing finished run {finished.name}", flush=True)
         else:
             inputs = {name: done[name].run_dir for name in stage.inputs}
