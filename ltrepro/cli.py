@@ -1,6 +1,8 @@
-"""The ``ltrepro`` command. Every subcommand takes ``key.sub=value`` overrides of params.yaml.
+"""The ``ltrepro`` command. Subcommands that read params.yaml take ``key.sub=value`` overrides
+anywhere on the line, and MLflow's ``--key.sub value`` form (how ``mlflow run -P key=value``
+passes a parameter its entry point does not declare).
 
-Errors of input (config, data, checkpoint) print one line and exit with status 2.
+Errors of input (config, data, checkpoint, arguments) print one line and exit with status 2.
 """
 from __future__ import annotations
 
@@ -18,13 +20,43 @@ CONFIG_HELP = (
 OVERRIDE_HELP = "overrides of params.yaml, e.g. stage1.lr=0.05 data.name=cifar100_lt"
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, action="append", help=CONFIG_HELP)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDE_HELP)
 
 
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(argv without config overrides, the overrides as key=value): ``key=value`` tokens and
+    ``--key value`` / ``--key=value`` pairs whose key is a config key."""
+    from ltrepro.config import is_config_key
+
+    rest, overrides, index = [], [], 0
+    while index < len(argv):
+        token = argv[index]
+        name, sep, value = token.removeprefix("--").partition("=")
+        if token.startswith("--") and is_config_key(name):
+            if not sep:
+                if index + 1 >= len(argv):
+                    raise LtreproError(f"{token}: missing its value")
+                index, value = index + 1, argv[index + 1]
+            overrides.append(f"{name}={value}")
+        elif not token.startswith("-") and sep and is_config_key(name):
+            overrides.append(token)
+        else:
+            rest.append(token)
+        index += 1
+    return rest, overrides
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ltrepro", description="Long-tailed recognition: train, evaluate, tune, export.")
+    parser = Parser(prog="ltrepro", description="Long-tailed recognition: train, evaluate, tune, export.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = commands.add_parser("data", help="dataset commands").add_subparsers(dest="data_command", required=True)
@@ -46,6 +78,53 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(train)
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a killed run from its last.pt")
 
+    stage = commands.add_parser(
+        "stage",
+        help="train one stage of cfg.method (how dvc.yaml and the MLproject entry points run stages)",
+        description="STAGE is a stage name of the method (`ltrepro methods`) or a slot: stage1:N is the method's "
+        "N-th stage-1 network; a method with fewer writes a run.json marked UNUSED, so one dvc.yaml serves every "
+        "method. Inputs not given are the finished runs of the same config under out_dir.",
+    )
+    stage.add_argument("stage", metavar="STAGE", help="stage name (stage1_kps, stage2, ...) or slot stage1:N")
+    add_config_arguments(stage)
+    stage.add_argument("--input", action="append", default=[], metavar="NAME=RUN", help="an input stage: a run "
+                       "directory or an MLflow URI (runs:/RUN_ID); repeat for each input")  # fmt: skip
+    stage.add_argument("--from", dest="from_dirs", action="append", type=Path, default=[], metavar="DIR",
+                       help="a run directory whose run.json names the input it is (UNUSED slots are skipped)")  # fmt: skip
+    stage.add_argument("--run-dir", type=Path, help="write the run here (default: a new folder in out_dir)")
+    stage.add_argument("--metrics", type=Path, help="also write the final metrics as JSON here")
+
+    pipeline = commands.add_parser(
+        "pipeline",
+        help="the MLproject `main` entry point: prepare, every stage, evaluate, export, each an MLflow project run",
+        description="Runs each step as `mlflow run . -e STEP` and reuses a FINISHED run of a step whose entry "
+        "point, stage key (its config and inputs), git commit and data hash match. Stage 2 gets its stage-1 "
+        "checkpoints as runs:/ artifact URIs.",
+    )
+    add_config_arguments(pipeline)
+
+    tune = commands.add_parser(
+        "tune",
+        help="Optuna study over cfg.method's tunables, on validation balanced top-1 (the tune: block of params.yaml)",
+        description="Each trial runs the method with sampled values (finished stages it does not change are "
+        "reused) as a nested MLflow run under the study's run; the final stage's validation accuracy is reported "
+        "every epoch and bad trials are pruned. The best params go to <tune.best_dir>/<study>.yaml.",
+    )
+    add_config_arguments(tune)
+    tune.add_argument("--resume", action="store_true", help="continue (or join, as another worker) the study of that name")
+
+    export = commands.add_parser(
+        "export", help="export a finished stage run's model to one ONNX file, checked against PyTorch with ONNX Runtime"
+    )
+    export.add_argument("run", nargs="?", help="run directory or MLflow URI runs:/RUN_ID of a finished stage run")
+    export.add_argument("--study", help="export the final model of this Optuna study's best trial instead")
+    export.add_argument("--config", type=Path, action="append", help="params file naming the study storage (tune.storage)")
+    export.add_argument("--out", type=Path, help="ONNX file (default RUN_DIR/model.onnx)")
+    export.add_argument("--metrics", type=Path, help="also write the parity figures as JSON here")
+    export.add_argument("--root", type=Path, help="project root for data and inputs (default: the run's own)")
+    export.add_argument("--atol", type=float, default=1e-3, help="max |ORT - PyTorch| logit difference, relative "
+                        "to max(1, max |logit|) (default 1e-3)")  # fmt: skip
+
     methods = commands.add_parser("methods", help="list the registered methods, their stages and tunables")
     methods.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -53,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir", type=Path, help="run directory (holds config.yaml and best.pt)")
     evaluate.add_argument("--checkpoint", default="best.pt", help="file in the run directory (default best.pt)")
     evaluate.add_argument("--out", type=Path, help="write the metrics JSON here (default RUN_DIR/evaluation.json)")
+    evaluate.add_argument("--plots-dir", type=Path, help="also write per_class.csv and confusion.csv here (dvc plots)")
+    evaluate.add_argument("--root", type=Path, help="project root for data and inputs (default: the run's own)")
 
     report = commands.add_parser("report", help="results table (mean ± std over seeds) from finished runs")
     add_config_arguments(report)
@@ -103,12 +184,82 @@ def command_train(args: argparse.Namespace) -> None:
     from ltrepro.train import train
 
     for result in train(config_files(args), args.overrides, args.resume):
-        print(f"\n{result.stage}: {'reused' if result.reused else 'finished'}")
-        print(f"  MLflow run     {result.run_id}")
-        for key, value in result.metrics.items():
-            print(f"  {key:<15}{value:.2f}" if isinstance(value, float) else f"  {key:<15}{value}")
-        print(f"  checkpoint     {result.run_dir / 'best.pt'}")
+        print_result(result)
+
+
+def print_result(result) -> None:
+    print(f"\n{result.stage}: {'reused' if result.reused else 'finished'}")
+    print(f"  MLflow run     {result.run_id}")
+    for key, value in result.metrics.items():
+        print(f"  {key:<15}{value:.2f}" if isinstance(value, float) else f"  {key:<15}{value}")
+    print(f"  checkpoint     {result.run_dir / 'best.pt'}")
     print(f"  MLflow UI      {result.tracking_ui}")
+
+
+def command_stage(args: argparse.Namespace) -> None:
+    from ltrepro.config import load_config
+    from ltrepro.train import get_method, read_run, resolve, run_named_stage, select_stage, to_json
+
+    cfg = resolve(load_config(config_files(args), args.overrides))
+    method = get_method(cfg.method)
+    stage = select_stage(method, args.stage)
+    if stage is None:  # an empty slot: a marker, so DVC has its outs
+        marker = {"status": "UNUSED", "method": method.name, "slot": args.stage,
+                  "reason": f"{method.name} trains {sum(not s.inputs for s in method.stages)} stage-1 network(s)"}  # fmt: skip
+        target = args.run_dir or Path(cfg.out_dir) / f"unused-{method.name}-{args.stage.replace(':', '-')}"
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "run.json").write_text(json.dumps(marker, indent=2) + "\n")
+        if args.metrics:
+            args.metrics.parent.mkdir(parents=True, exist_ok=True)
+            args.metrics.write_text("{}\n")
+        print(f"{args.stage}: unused by {method.name} ({marker['reason']}); wrote {target / 'run.json'}")
+        return
+    inputs = {}
+    for directory in args.from_dirs:
+        info = json.loads((directory / "run.json").read_text()) if (directory / "run.json").is_file() else None
+        if info is None:
+            raise LtreproError(f"--from {directory}: no run.json there")
+        if info.get("status") != "UNUSED":
+            inputs[read_run(directory)["stage"]] = str(directory)
+    for text in args.input:
+        name, sep, spec = text.partition("=")
+        if not sep or not name or not spec:
+            raise LtreproError(f"--input {text!r}: expected NAME=RUN_DIR or NAME=runs:/RUN_ID")
+        inputs[name] = spec
+    result = run_named_stage(cfg, project_root(args), stage, inputs, args.run_dir)
+    print_result(result)
+    if args.metrics:
+        args.metrics.parent.mkdir(parents=True, exist_ok=True)
+        args.metrics.write_text(to_json(result.metrics))
+
+
+def command_pipeline(args: argparse.Namespace) -> None:
+    from ltrepro.pipeline import run_pipeline
+
+    run_pipeline(config_files(args), args.overrides, project_root(args))
+
+
+def command_tune(args: argparse.Namespace) -> None:
+    from ltrepro.tune import tune
+
+    tune(config_files(args), args.overrides, project_root(args), args.resume)
+
+
+def command_export(args: argparse.Namespace) -> None:
+    from ltrepro.export import export_run
+
+    if (args.run is None) == (args.study is None):
+        raise LtreproError("export: give a run (directory or runs:/RUN_ID) or --study NAME, not both")
+    if args.study:
+        from ltrepro.config import load_config
+        from ltrepro.tune import best_trial_run
+
+        args.run = best_trial_run(load_config(config_files(args)), args.study, project_root(args))
+    result = export_run(args.run, args.out, args.root, args.atol)
+    if args.metrics:
+        args.metrics.parent.mkdir(parents=True, exist_ok=True)
+        args.metrics.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
 
 
 def command_methods(args: argparse.Namespace) -> None:
@@ -129,8 +280,9 @@ def command_methods(args: argparse.Namespace) -> None:
 def command_evaluate(args: argparse.Namespace) -> None:
     from ltrepro.train import evaluate_run, to_json
 
-    metrics = evaluate_run(args.run_dir, args.checkpoint)
+    metrics = evaluate_run(args.run_dir, args.checkpoint, args.root and args.root.resolve(), args.plots_dir)
     out = args.out or args.run_dir / "evaluation.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(to_json(metrics))
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}, indent=2))
     print(f"written to {out}")
@@ -162,6 +314,10 @@ def command_bench(args: argparse.Namespace) -> None:
 COMMANDS = {
     "data": command_prepare,
     "train": command_train,
+    "stage": command_stage,
+    "pipeline": command_pipeline,
+    "tune": command_tune,
+    "export": command_export,
     "methods": command_methods,
     "evaluate": command_evaluate,
     "report": command_report,
@@ -170,7 +326,17 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    except LtreproError as exc:
+        print(f"ltrepro: error: {exc}", file=sys.stderr)
+        return 2
+    args = build_parser().parse_args(rest)
+    if overrides and not hasattr(args, "overrides"):
+        print(f"ltrepro {args.command}: error: takes no config overrides, got {' '.join(overrides)}", file=sys.stderr)
+        return 2
+    if hasattr(args, "overrides"):
+        args.overrides = overrides + args.overrides
     try:
         COMMANDS[args.command](args)
     except LtreproError as exc:

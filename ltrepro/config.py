@@ -112,6 +112,21 @@ class H2TConfig:
 
 
 @dataclass
+class TuneConfig:
+    """An Optuna study over cfg.method's declared tunables (``ltrepro tune``)."""
+
+    study: str | None = None  # null: "<method>-<dataset>"
+    storage: str | None = None  # an RDB URL; null: sqlite:///<project root>/optuna.db
+    trials: int = bounded(20, 1)  # the study's total of complete + pruned trials (--resume goes on to it)
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    startup_trials: int = bounded(3, 0)  # median pruner: trials never pruned, to form the median
+    warmup_epochs: int = bounded(3, 0)  # epochs a trial runs before it may be pruned
+    sampler_seed: int | None = None  # TPE seed; null: cfg.seed (give each worker its own)
+    space: dict[str, Any] = field(default_factory=dict)  # narrower ranges, e.g. {"ffn.lam": [0.3, 0.9]}
+    best_dir: str = "tuned"  # the best params go to <best_dir>/<study>.yaml
+
+
+@dataclass
 class Config:
     seed: int = bounded(0, 0, 2**31 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -128,6 +143,7 @@ class Config:
     )
     ffn: FFNConfig = field(default_factory=FFNConfig)
     h2t: H2TConfig = field(default_factory=H2TConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     recipes: dict[str, Any] = field(default_factory=dict)  # per-method overrides, applied when it runs
 
 
@@ -277,6 +293,14 @@ def deep_merge(base: dict, extra: dict) -> dict:
 def with_overrides(cfg: Config, values: dict) -> Config:
     """``cfg`` with a nested dict of overrides validated and applied (method recipes, trials)."""
     return _build(cfg, values, "")
+
+
+def is_config_key(key: str) -> bool:
+    """Whether ``key`` names a config value (``seed``, ``stage1.lr``, ``ffn.lam``), so the CLI can
+    take ``key=value`` anywhere on its command line, and MLflow's ``--key value`` form too."""
+    root, dot, _ = key.partition(".")
+    hints = typing.get_type_hints(Config)
+    return root in hints and (bool(dot) or not dataclasses.is_dataclass(hints[root]))
 
 
 def to_dict(cfg: Any) -> dict:

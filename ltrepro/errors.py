@@ -7,3 +7,8 @@ class LtreproError(Exception):
     The message names the offending file, key or value and says what is allowed, so the CLI
     can print it on one line instead of a traceback from deep inside torch.
     """
+
+
+class RunStopped(Exception):
+    """A run stopped on purpose before its last epoch (an Optuna trial pruned): its MLflow run
+    ends KILLED, not FAILED."""

@@ -54,7 +54,7 @@ class Tracker:
     """One MLflow run: params, per-epoch and final metrics, artifacts, tags.
 
     ``run_id`` reopens an existing run, which is how ``--resume`` continues logging where a killed
-    run stopped.
+    run stopped. Started while another run is active (an Optuna trial), the run nests under it.
     """
 
     def __init__(self, root: Path, experiment: str, run_name: str, run_id: str | None = None) -> None:
@@ -65,7 +65,8 @@ class Tracker:
         if mlflow.get_experiment_by_name(experiment) is None:
             mlflow.create_experiment(experiment, artifact_location=(root / "mlartifacts").resolve().as_uri())
         mlflow.set_experiment(experiment)
-        self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
+        nested = mlflow.active_run() is not None
+        self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested)
         self.run_id = self.run.info.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:

@@ -64,7 +64,7 @@ def test_run_logs_params_tags_metrics_and_artifacts(project):
     for tag in ("git_commit", "data_hash", "torch_version", "device"):
         assert run.data.tags[tag]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)}
-    assert {"config.yaml", "data_info.json", "metrics.json", "plots", "checkpoints"} <= artifacts
+    assert {"config.yaml", "data_info.json", "metrics.json", "plots", "best.pt", "run.json"} <= artifacts
     info = json.loads((result.run_dir / "data_info.json").read_text())
     assert info["train_counts"] == [20, 15, 11, 9, 7, 5, 4, 3, 2, 2] and info["index_hash"]
     # the selected checkpoint is the one with the best validation accuracy, not the last epoch

@@ -1,0 +1,117 @@
+"""ONNX export of a finished stage run's whole model, checked against PyTorch with ONNX Runtime.
+
+The file holds one graph (``external_data=False``) with input ``images``, float32 N x C x H x W
+normalised as in training with a dynamic batch axis, and output ``logits``. What a client needs
+to preprocess travels as metadata: mean, std, image size, channels, resize rule, class names, and
+where the model came from. For FFN the graph holds both backbones and the fused cosine head.
+
+Every export runs a parity check on a validation batch (ONNX Runtime on CPU against PyTorch
+eager); it fails when the largest logit difference exceeds ``atol * max(1, max |logit|)`` or when
+top-1 agreement falls below 99%. The figures are written to an MLflow run of their own.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ltrepro.data import data_hash
+from ltrepro.data.loader import make_loader
+from ltrepro.errors import LtreproError
+from ltrepro.tracking import Tracker, run_tags
+
+MIN_AGREEMENT = 0.99
+PARITY_BATCH = 256
+
+
+def preprocessing(run) -> dict[str, str]:
+    """The metadata a client needs to turn an image into the ``images`` input."""
+    data = run.data
+    resize = "none" if data.train.in_memory else f"resize shorter side to {round(data.image_size * 256 / 224)}, center crop"
+    return {
+        "mean": json.dumps(list(data.mean)),
+        "std": json.dumps(list(data.std)),
+        "image_size": str(data.image_size),
+        "in_channels": str(data.in_channels),
+        "color_mode": "L" if data.in_channels == 1 else "RGB",
+        "resize": resize,
+        "scale": "pixel / 255, then (x - mean) / std per channel",
+        "class_names": json.dumps(list(data.class_names)),
+    }
+
+
+def to_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, metadata: dict[str, str]) -> None:
+    """Export with the dynamo exporter (onnxscript) as one file, then attach ``metadata``."""
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with torch.no_grad():
+        torch.onnx.export(
+            model, (example,), str(path), input_names=["images"], output_names=["logits"],
+            dynamic_shapes=({0: batch},), external_data=False, dynamo=True,
+        )  # fmt: skip
+    graph = onnx.load(str(path))
+    onnx.helper.set_model_props(graph, metadata)
+    onnx.save(graph, str(path))
+
+
+def parity(model: torch.nn.Module, path: Path, images: torch.Tensor, atol: float) -> dict[str, float]:
+    """ORT (CPU) vs PyTorch on ``images``, and on its first image alone (the dynamic axis)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = model(images).float().numpy()
+    got = session.run(["logits"], {"images": images.numpy()})[0]
+    single = session.run(["logits"], {"images": images[:1].numpy()})[0]
+    max_diff = float(max(np.abs(got - expected).max(), np.abs(single - expected[:1]).max()))
+    tolerance = atol * max(1.0, float(np.abs(expected).max()))
+    agreement = float((got.argmax(1) == expected.argmax(1)).mean())
+    figures = {"parity_max_abs_diff": max_diff, "parity_tolerance": tolerance, "parity_top1_agreement": agreement,
+               "parity_images": float(len(images))}  # fmt: skip
+    if max_diff > tolerance or agreement < MIN_AGREEMENT:
+        raise LtreproError(
+            f"ONNX parity check failed on {len(images)} validation images: max |logit diff| {max_diff:.3g} "
+            f"(tolerance {tolerance:.3g}), top-1 agreement {agreement:.2%} (minimum {MIN_AGREEMENT:.0%}); {path} is not usable"
+        )
+    return figures
+
+
+def export_run(run_spec: str, out: Path | None, root: Path | None, atol: float = 1e-3) -> dict:
+    """Export the run (directory or ``runs:/ID``) to ``out`` and check it; returns the figures."""
+    from ltrepro.train import download_run, is_uri, load_run
+
+    root = root.resolve() if root else None
+    run_dir = download_run(run_spec, root or Path.cwd()) if is_uri(run_spec) else Path(run_spec)
+    run = load_run(run_dir, root=root)
+    model = run.model.cpu().eval()
+    images, _ = next(iter(make_loader(run.data, "val", PARITY_BATCH, torch.device("cpu"), num_workers=0).epoch()))
+    path = (out or run_dir / "model.onnx").resolve()
+    info = run.info
+    metadata = {**preprocessing(run), "method": info["method"], "stage": info["stage"], "dataset": run.data.name,
+                "source_run_id": info["mlflow_run_id"], "stage_key": info["stage_key"]}  # fmt: skip
+    temp = path.with_name(f".{path.name}.tmp")
+    try:
+        to_onnx(model, images[:2], temp, metadata)
+        figures = parity(model, temp, images, atol)
+    except LtreproError:
+        temp.unlink(missing_ok=True)
+        raise
+    except Exception as exc:  # the exporter raises many kinds; name the model and the cause
+        temp.unlink(missing_ok=True)
+        raise LtreproError(f"ONNX export of {run_dir} failed: {type(exc).__name__}: {exc}") from None
+    temp.replace(path)  # a failed export never overwrites a good file
+
+    project_root = root or Path(info["project_root"])
+    tracker = Tracker(project_root, run.cfg.experiment, f"export-{info['method']}-{run.data.name}-{info['mlflow_run_id'][:8]}")
+    tracker.log_params({"source_run": run_spec, "atol": atol, "method": info["method"]})
+    tags = run_tags(project_root, data_hash(run.data), torch.device("cpu")) | {"method": info["method"], "stage": "export"}
+    tracker.set_tags(tags | {f"input.{info['stage']}.run_id": info["mlflow_run_id"]})
+    tracker.log_metrics(figures)
+    tracker.log_artifact(path)
+    tracker.end()
+    return {"onnx": str(path), "mlflow_run_id": tracker.run_id, "source_run_id": info["mlflow_run_id"],
+            "size_mb": round(path.stat().st_size / 2**20, 3), **figures}  # fmt: skip

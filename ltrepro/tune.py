@@ -1,0 +1,272 @@
+"""Optuna studies over a method's declared tunables (``ltrepro tune``, the ``tune:`` block).
+
+Search space: the ``Tunable``s a method declares next to its code (FFN's ``ffn.lam``, H2T's
+``h2t.rho``, CE+FCC's ``stage1.fcc``), optionally narrowed by ``tune.space``. The objective is the
+final stage's validation balanced top-1 at its selected epoch; the test set is never read for it.
+Every epoch of the final stage reports its validation value, so a median (or Hyperband) pruner can
+stop bad trials. Stages a trial's values do not change (FFN's two stage-1 backbones when only
+``lam`` moves) are reused by stage key, so a trial costs one stage 2.
+
+MLflow: one parent run per study (tag ``optuna_study``), each trial a nested run with its params,
+intermediate values, final value and state, and the trial's stage runs nested under it. A pruned
+trial ends KILLED, a crashed one FAILED; the study goes on. Storage is any RDB URL: sqlite by
+default, a PostgreSQL URL unchanged for workers on several machines (``--resume`` joins a study).
+"""
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import yaml
+
+from ltrepro.config import Config, load_config, with_overrides
+from ltrepro.errors import LtreproError, RunStopped
+from ltrepro.methods import Method, Tunable
+from ltrepro.tracking import Tracker
+from ltrepro.train import get_method, plan_method, resolve, run_method
+
+FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+class TrialPruned(RunStopped, optuna.TrialPruned):
+    """Optuna's pruning signal, which also ends the stage's MLflow run as KILLED."""
+
+
+def nested(key: str, value) -> dict:
+    """``"ffn.lam", 0.7`` -> ``{"ffn": {"lam": 0.7}}``."""
+    *parents, leaf = key.split(".")
+    tree = {leaf: value}
+    for parent in reversed(parents):
+        tree = {parent: tree}
+    return tree
+
+
+def search_space(cfg: Config, method: Method) -> list[Tunable]:
+    """The method's tunables, narrowed by ``tune.space``; each range checked against the config."""
+    declared = {tunable.key: tunable for tunable in method.tunables}
+    if not declared:
+        raise LtreproError(f"method {method.name!r} declares no tunable parameters; `ltrepro methods` lists them")
+    for key, bounds in cfg.tune.space.items():
+        if key not in declared:
+            raise LtreproError(f"tune.space.{key}: {method.name} does not tune it; its tunables: {', '.join(declared)}")
+        numbers = isinstance(bounds, list) and len(bounds) == 2
+        if not numbers or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds):
+            raise LtreproError(f"tune.space.{key}: expected [low, high], two numbers; got {bounds!r}")
+        low, high, tunable = float(bounds[0]), float(bounds[1]), declared[key]
+        if not low < high:
+            raise LtreproError(f"tune.space.{key}: the range [{low}, {high}] is empty; low must be below high")
+        if low < tunable.low or high > tunable.high:
+            raise LtreproError(f"tune.space.{key}: [{low}, {high}] leaves {method.name}'s range [{tunable.low}, {tunable.high}]")
+        declared[key] = dataclasses.replace(tunable, low=low, high=high)
+    for tunable in declared.values():
+        for bound in (tunable.low, tunable.high):
+            with_overrides(cfg, nested(tunable.key, bound))  # a bound the config rejects fails now
+    return list(declared.values())
+
+
+def storage_url(cfg: Config, root: Path) -> str:
+    return cfg.tune.storage or f"sqlite:///{(root / 'optuna.db').resolve()}"
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """The RDB storage at ``url``, reached now so that a bad URL fails before any trial."""
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # workers wait for the lock
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+    except Exception as exc:  # SQLAlchemy and drivers raise many types (bad URL, no server, no driver)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LtreproError(f"tune.storage {url!r}: cannot open the study storage ({type(exc).__name__}: {reason})") from None
+
+
+def make_pruner(cfg: Config, final_epochs: int) -> optuna.pruners.BasePruner:
+    tune = cfg.tune
+    if tune.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=tune.startup_trials, n_warmup_steps=tune.warmup_epochs)
+    if tune.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, tune.warmup_epochs), max_resource=final_epochs)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(cfg: Config, name: str, url: str, final_epochs: int, resume: bool) -> optuna.Study:
+    sampler = optuna.samplers.TPESampler(seed=cfg.seed if cfg.tune.sampler_seed is None else cfg.tune.sampler_seed)
+    storage = open_storage(url)
+    try:
+        study = optuna.create_study(
+            study_name=name, storage=storage, direction="maximize", sampler=sampler,
+            pruner=make_pruner(cfg, final_epochs), load_if_exists=resume,
+        )  # fmt: skip
+    except optuna.exceptions.DuplicatedStudyError:
+        raise LtreproError(f"study {name!r} already exists in {url}; continue it with --resume, or set tune.study") from None
+    method = study.user_attrs.get("method")
+    if method not in (None, cfg.method):
+        raise LtreproError(f"study {name!r} tunes method {method!r}, not {cfg.method!r}; set tune.study to a new name")
+    study.set_user_attr("method", cfg.method)
+    study.set_user_attr("dataset", cfg.data.name)
+    return study
+
+
+def study_run_id(cfg: Config, root: Path, name: str) -> str | None:
+    """The study's parent MLflow run, so a resumed study logs into the same one."""
+    import mlflow
+
+    from ltrepro.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri(root))
+    runs = mlflow.search_runs(
+        experiment_names=[cfg.experiment], filter_string=f"tags.optuna_study = '{name}' and tags.optuna_role = 'study'",
+        output_format="list", max_results=1,
+    )  # fmt: skip
+    return runs[0].info.run_id if runs else None
+
+
+def make_objective(cfg: Config, root: Path, space: list[Tunable], study_name: str):
+    final_stage = plan_method(cfg)[-1][0].name
+
+    def objective(trial: optuna.Trial) -> float:
+        import mlflow
+
+        values = {t.key: trial.suggest_float(t.key, t.low, t.high, log=t.log) for t in space}
+        trial_cfg = cfg
+        for key, value in values.items():
+            trial_cfg = with_overrides(trial_cfg, nested(key, value))
+        run = Tracker(root, cfg.experiment, f"{study_name}-trial-{trial.number}")
+        run.set_tags({"optuna_study": study_name, "optuna_trial": str(trial.number), "optuna_role": "trial"})
+        run.log_params(values)
+        client = mlflow.MlflowClient()
+
+        def report(stage: str, metrics: dict, epoch: int) -> None:
+            if stage != final_stage:
+                return
+            trial.report(metrics["val_acc"], epoch)
+            client.log_metric(run.run_id, "intermediate_val_balanced_top1", metrics["val_acc"], step=epoch)
+            if trial.should_prune():
+                raise TrialPruned(f"trial {trial.number} pruned after epoch {epoch + 1}")
+
+        try:
+            results = run_method(trial_cfg, root, report)
+        except (TrialPruned, KeyboardInterrupt):
+            client.set_tag(run.run_id, "optuna_state", "PRUNED")
+            run.end("KILLED")
+            raise
+        except BaseException:
+            client.set_tag(run.run_id, "optuna_state", "FAIL")
+            run.end("FAILED")
+            raise
+        final = results[-1]
+        value = final.metrics["val_top1"]
+        trial.set_user_attr("final_run_id", final.run_id)
+        trial.set_user_attr("final_run_dir", str(final.run_dir))
+        run.log_metrics({"value": value})
+        run.set_tags({"optuna_state": "COMPLETE", "final_run_id": final.run_id})
+        run.end()
+        return value
+
+    return objective
+
+
+def tune(config_paths: list[Path] | None, overrides: list[str], root: Path, resume: bool = False) -> dict:
+    """Run (or continue) the study until it holds ``tune.trials`` complete or pruned trials."""
+    cfg = resolve(load_config(config_paths, overrides))
+    method = get_method(cfg.method)
+    space = search_space(cfg, method)
+    name = cfg.tune.study or f"{cfg.method}-{cfg.data.name}"
+    url = storage_url(cfg, root)
+    plan = plan_method(cfg)
+    study = open_study(cfg, name, url, getattr(plan[-1][1], plan[-1][0].section).epochs, resume)
+    parent = Tracker(root, cfg.experiment, f"study-{name}", study_run_id(cfg, root, name) if resume else None)
+    parent.set_tags({"optuna_study": name, "optuna_role": "study", "optuna_storage": url, "method": cfg.method})
+    parent.log_params({"study": name, "method": cfg.method, "trials": cfg.tune.trials, "pruner": cfg.tune.pruner,
+                       **{f"space.{t.key}": f"[{t.low}, {t.high}]{' log' if t.log else ''}" for t in space}})  # fmt: skip
+    finished = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+    start = time.perf_counter()
+    try:
+        if finished < cfg.tune.trials:
+            study.optimize(
+                make_objective(cfg, root, space, name), n_trials=cfg.tune.trials - finished, catch=(Exception,),
+                callbacks=[optuna.study.MaxTrialsCallback(cfg.tune.trials, states=FINISHED_STATES)],
+            )  # fmt: skip
+    except KeyboardInterrupt:
+        parent.end("KILLED")
+        raise KeyboardInterrupt(f"study {name!r} interrupted; its finished trials are kept in {url}; continue with --resume")
+    summary = summarize_study(study, cfg, root, name, parent, time.perf_counter() - start)
+    parent.end()
+    return summary
+
+
+def summarize_study(study: optuna.Study, cfg: Config, root: Path, name: str, parent: Tracker, seconds: float) -> dict:
+    """Counts, the best trial, the best-params file and Optuna's plots, logged to the study run."""
+    counts = {state.name.lower(): len(study.get_trials(deepcopy=False, states=(state,))) for state in optuna.trial.TrialState}
+    summary = {"study": name, "wall_seconds": round(seconds, 1), **{k: v for k, v in counts.items() if v}}
+    parent.log_metrics({f"trials_{k}": v for k, v in counts.items()} | {"wall_seconds": seconds})
+    completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not completed:
+        print(f"study {name}: no trial completed yet ({counts})")
+        return summary
+    best = study.best_trial
+    best_file = write_best(cfg, root, name, best)
+    parent.log_metrics({"best_value": best.value})
+    parent.set_tags({"best_trial": str(best.number), "best_run_id": best.user_attrs.get("final_run_id", "")})
+    parent.log_artifact(best_file)
+    with tempfile.TemporaryDirectory() as folder:
+        for path in study_plots(study, Path(folder)):
+            parent.log_artifact(path, "plots")
+    summary.update(best_value=best.value, best_trial=best.number, best_params=best.params, best_file=str(best_file),
+                   best_run_id=best.user_attrs.get("final_run_id"))  # fmt: skip
+    print(f"study {name}: best validation balanced top-1 {best.value:.2f} (trial {best.number}) with {best.params}; "
+          f"written to {best_file}")  # fmt: skip
+    return summary
+
+
+def write_best(cfg: Config, root: Path, name: str, best: optuna.trial.FrozenTrial) -> Path:
+    """The best params as a config layer: ``ltrepro train --config params.yaml --config <it>``."""
+    values: dict = {"method": cfg.method}
+    for key, value in best.params.items():
+        path, node = key.split("."), values
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = round(value, 6)
+    path = root / cfg.tune.best_dir / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = (
+        f"# Best trial {best.number} of Optuna study {name!r}: validation balanced top-1 {best.value:.2f}.\n"
+        f"# Written by `ltrepro tune`; use as `ltrepro train --config params.yaml --config {path.relative_to(root)}`.\n"
+    )
+    path.write_text(header + yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
+def study_plots(study: optuna.Study, folder: Path) -> list[Path]:
+    """Optimisation history and parameter importances (the latter needs two completed trials)."""
+    import warnings
+
+    from optuna.visualization import matplotlib as plots
+
+    written = []
+    for name, draw in (("optimization_history", plots.plot_optimization_history), ("param_importances", plots.plot_param_importances)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the matplotlib backend is marked experimental
+                axes = draw(study)
+        except (ValueError, RuntimeError) as exc:
+            print(f"plot {name} skipped: {exc}")
+            continue
+        path = folder / f"{name}.png"
+        axes.figure.savefig(path, dpi=120, bbox_inches="tight")
+        written.append(path)
+    return written
+
+
+def best_trial_run(cfg: Config, name: str, root: Path) -> str:
+    """The final stage run of a study's best trial: its local directory, or ``runs:/<id>``."""
+    try:
+        study = optuna.load_study(study_name=name, storage=open_storage(storage_url(cfg, root)))
+        best = study.best_trial
+    except KeyError:
+        raise LtreproError(f"no study {name!r} in {storage_url(cfg, root)}") from None
+    except ValueError:
+        raise LtreproError(f"study {name!r} has no completed trial yet") from None
+    run_dir = Path(best.user_attrs.get("final_run_dir", ""))
+    return str(run_dir) if (run_dir / "best.pt").is_file() else f"runs:/{best.user_attrs['final_run_id']}"
