@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("stage", metavar="STAGE", help="stage name (stage1_kps, stage2, ...) or slot stage1:N")
     add_config_arguments(stage)
     stage.add_argument("--input", action="append", default=[], metavar="NAME=RUN", help="an input stage: a run "
-                       "directory or an MLflow URI (runs:/RUN_ID); repeat for each input")  # fmt: skip
+                       "directory or an MLflow URI (runs:/RUN_ID); repeat, or separate with commas")  # fmt: skip
     stage.add_argument("--from", dest="from_dirs", action="append", type=Path, default=[], metavar="DIR",
                        help="a run directory whose run.json names the input it is (UNUSED slots are skipped)")  # fmt: skip
     stage.add_argument("--run-dir", type=Path, help="write the run here (default: a new folder in out_dir)")
@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         "every epoch and bad trials are pruned. The best params go to <tune.best_dir>/<study>.yaml.",
     )
     add_config_arguments(tune)
-    tune.add_argument("--resume", action="store_true", help="continue (or join, as another worker) the study of that name")
+    tune.add_argument("--resume", nargs="?", const="true", default="false", choices=["true", "false"],
+                      help="continue (or join, as another worker) the study of that name")  # fmt: skip
 
     export = commands.add_parser(
         "export", help="export a finished stage run's model to one ONNX file, checked against PyTorch with ONNX Runtime"
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     methods.add_argument("--json", action="store_true", help="machine-readable output")
 
     evaluate = commands.add_parser("evaluate", help="evaluate a finished run's checkpoint on the test set")
-    evaluate.add_argument("run_dir", type=Path, help="run directory (holds config.yaml and best.pt)")
+    evaluate.add_argument("run", help="run directory (holds config.yaml and best.pt) or MLflow URI runs:/RUN_ID")
     evaluate.add_argument("--checkpoint", default="best.pt", help="file in the run directory (default best.pt)")
     evaluate.add_argument("--out", type=Path, help="write the metrics JSON here (default RUN_DIR/evaluation.json)")
     evaluate.add_argument("--plots-dir", type=Path, help="also write per_class.csv and confusion.csv here (dvc plots)")
@@ -221,7 +222,7 @@ def command_stage(args: argparse.Namespace) -> None:
             raise LtreproError(f"--from {directory}: no run.json there")
         if info.get("status") != "UNUSED":
             inputs[read_run(directory)["stage"]] = str(directory)
-    for text in args.input:
+    for text in (item for value in args.input for item in value.split(",") if item):
         name, sep, spec = text.partition("=")
         if not sep or not name or not spec:
             raise LtreproError(f"--input {text!r}: expected NAME=RUN_DIR or NAME=runs:/RUN_ID")
@@ -242,12 +243,13 @@ def command_pipeline(args: argparse.Namespace) -> None:
 def command_tune(args: argparse.Namespace) -> None:
     from ltrepro.tune import tune
 
-    tune(config_files(args), args.overrides, project_root(args), args.resume)
+    print(json.dumps(tune(config_files(args), args.overrides, project_root(args), args.resume == "true"), indent=2))
 
 
 def command_export(args: argparse.Namespace) -> None:
     from ltrepro.export import export_run
 
+    args.run, args.study = args.run or None, args.study or None  # MLproject passes "" for "not given"
     if (args.run is None) == (args.study is None):
         raise LtreproError("export: give a run (directory or runs:/RUN_ID) or --study NAME, not both")
     if args.study:
@@ -280,8 +282,8 @@ def command_methods(args: argparse.Namespace) -> None:
 def command_evaluate(args: argparse.Namespace) -> None:
     from ltrepro.train import evaluate_run, to_json
 
-    metrics = evaluate_run(args.run_dir, args.checkpoint, args.root and args.root.resolve(), args.plots_dir)
-    out = args.out or args.run_dir / "evaluation.json"
+    metrics = evaluate_run(args.run, args.checkpoint, args.root and args.root.resolve(), args.plots_dir, track=True)
+    out = args.out or Path(metrics["run_dir"]) / "evaluation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(to_json(metrics))
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}, indent=2))
@@ -342,8 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     except LtreproError as exc:
         print(f"ltrepro: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("ltrepro: interrupted; the last finished epoch is kept in last.pt (resume with --resume)", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        default = "the last finished epoch is kept in last.pt (resume with --resume RUN_DIR)"
+        print(f"ltrepro: interrupted; {exc or default}", file=sys.stderr)
         return 130
     return 0
 

@@ -122,7 +122,7 @@ class TuneConfig:
     startup_trials: int = bounded(3, 0)  # median pruner: trials never pruned, to form the median
     warmup_epochs: int = bounded(3, 0)  # epochs a trial runs before it may be pruned
     sampler_seed: int | None = None  # TPE seed; null: cfg.seed (give each worker its own)
-    space: dict[str, Any] = field(default_factory=dict)  # narrower ranges, e.g. {"ffn.lam": [0.3, 0.9]}
+    space: dict[str, Any] = field(default_factory=dict)  # narrower ranges, e.g. {"ffn": {"lam": [0.3, 0.9]}}
     best_dir: str = "tuned"  # the best params go to <best_dir>/<study>.yaml
 
 

@@ -421,16 +421,34 @@ def load_run(run_dir: Path, checkpoint: str = "best.pt", root: Path | None = Non
     return LoadedRun(model.eval(), cfg, data, {**info, "section": stage.section}, device, path, state.get("epoch"))
 
 
-def evaluate_run(run_dir: Path, checkpoint: str = "best.pt", root: Path | None = None, plots_dir: Path | None = None) -> dict:
-    """Test metrics of a finished run's checkpoint; with ``plots_dir``, also the data DVC plots
-    (``per_class.csv``: class, training count, accuracy; ``confusion.csv``: actual, predicted)."""
+def evaluate_run(
+    run_spec: str | Path, checkpoint: str = "best.pt", root: Path | None = None, plots_dir: Path | None = None,
+    track: bool = False,
+) -> dict:  # fmt: skip
+    """Test metrics of a finished run's checkpoint (a run directory or ``runs:/ID``); with
+    ``plots_dir``, also the data DVC plots (``per_class.csv``: class, training count, accuracy;
+    ``confusion.csv``: actual, predicted); with ``track``, logged as an MLflow run of its own (or
+    into the run ``mlflow run -e evaluate`` opened)."""
+    spec = str(run_spec)
+    run_dir = download_run(spec, root or Path.cwd()) if is_uri(spec) else Path(spec)
     run = load_run(run_dir, checkpoint, root)
     batch_size = getattr(run.cfg, run.info["section"]).eval_batch_size
     summary, logits, labels = test_summary(batch_size, run.cfg, run.data, run.model, run.device)
+    metrics = {f"test_{key}": summary[key] for key in FINAL_METRICS}
     if plots_dir is not None:
         write_plot_data(plots_dir, summary["per_class"], logits.argmax(1), labels, run.data)
-    metrics = {f"test_{key}": summary[key] for key in FINAL_METRICS}
-    return {"checkpoint": str(run.checkpoint), "epoch": run.epoch, **metrics, "per_class": summary["per_class"]}
+    if track:
+        info, project = run.info, root or Path(run.info["project_root"])
+        tracker = Tracker(project, run.cfg.experiment, f"evaluate-{info['method']}-{run.data.name}-{info['mlflow_run_id'][:8]}")
+        tags = run_tags(project, data_hash(run.data), run.device) | {"method": info["method"], "stage": "evaluate"}
+        tracker.set_tags(tags | {f"input.{info['stage']}.run_id": info["mlflow_run_id"]})
+        tracker.log_params({"source_run": spec, "checkpoint": checkpoint})
+        tracker.log_metrics(metrics)
+        for path in sorted(plots_dir.glob("*.csv")) if plots_dir else []:
+            tracker.log_artifact(path, "plots")
+        tracker.end()
+    result = {"run_dir": str(run.info["run_dir"]), "checkpoint": str(run.checkpoint), "epoch": run.epoch, **metrics}
+    return result | {"per_class": summary["per_class"]}
 
 
 def write_plot_data(plots_dir: Path, per_class: list, pred: np.ndarray, labels: np.ndarray, data: LTData) -> None:

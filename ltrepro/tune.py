@@ -22,7 +22,7 @@ from pathlib import Path
 import optuna
 import yaml
 
-from ltrepro.config import Config, load_config, with_overrides
+from ltrepro.config import Config, flatten, load_config, with_overrides
 from ltrepro.errors import LtreproError, RunStopped
 from ltrepro.methods import Method, Tunable
 from ltrepro.tracking import Tracker
@@ -49,7 +49,7 @@ def search_space(cfg: Config, method: Method) -> list[Tunable]:
     declared = {tunable.key: tunable for tunable in method.tunables}
     if not declared:
         raise LtreproError(f"method {method.name!r} declares no tunable parameters; `ltrepro methods` lists them")
-    for key, bounds in cfg.tune.space.items():
+    for key, bounds in flatten(cfg.tune.space).items():  # {ffn: {lam: [a, b]}} or {"ffn.lam": [a, b]}
         if key not in declared:
             raise LtreproError(f"tune.space.{key}: {method.name} does not tune it; its tunables: {', '.join(declared)}")
         numbers = isinstance(bounds, list) and len(bounds) == 2
