@@ -113,5 +113,5 @@ def export_run(run_spec: str, out: Path | None, root: Path | None, atol: float =
     tracker.log_metrics(figures)
     tracker.log_artifact(path)
     tracker.end()
-    return {"onnx": str(path), "mlflow_run_id": tracker.run_id, "source_run_id": info["mlflow_run_id"],
+    return {"onnx": str(out or path), "mlflow_run_id": tracker.run_id, "source_run_id": info["mlflow_run_id"],
             "size_mb": round(path.stat().st_size / 2**20, 3), **figures}  # fmt: skip

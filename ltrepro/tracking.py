@@ -62,11 +62,16 @@ class Tracker:
 
         self.mlflow, self.root = mlflow, root
         mlflow.set_tracking_uri(tracking_uri(root))
-        if mlflow.get_experiment_by_name(experiment) is None:
-            mlflow.create_experiment(experiment, artifact_location=(root / "mlartifacts").resolve().as_uri())
-        mlflow.set_experiment(experiment)
-        nested = mlflow.active_run() is not None
-        self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested)
+        if run_id is None and os.environ.get("MLFLOW_RUN_ID"):
+            # `mlflow run` opened this run in the experiment it was given; log into it as it is.
+            self.run = mlflow.start_run()
+            mlflow.set_tag("mlflow.runName", run_name)
+        else:
+            if mlflow.get_experiment_by_name(experiment) is None:
+                mlflow.create_experiment(experiment, artifact_location=(root / "mlartifacts").resolve().as_uri())
+            mlflow.set_experiment(experiment)
+            nested = mlflow.active_run() is not None
+            self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested)
         self.run_id = self.run.info.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:

@@ -137,7 +137,11 @@ def download_run(uri: str, root: Path) -> Path:
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".download-"))
     mlflow.set_tracking_uri(tracking_uri(root))
     try:
-        mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(staging))
+        run_id, _, path = uri.removeprefix("runs:/").strip("/").partition("/")
+        if uri.startswith("runs:/"):  # runs:/<id> (the whole run) is not a URI MLflow downloads itself
+            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path or None, dst_path=str(staging))
+        else:
+            mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(staging))
     except Exception as exc:  # MLflow raises several types for a bad id, path or store
         shutil.rmtree(staging, ignore_errors=True)
         raise LtreproError(f"input {uri}: cannot download its artifacts ({type(exc).__name__}: {exc})") from None
