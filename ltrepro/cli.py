@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(report)
     report.add_argument("--methods", nargs="+", default=["ce", "crt", "ffn", "h2t", "mislas", "ce_fcc"])
     report.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    report.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                        help="one row per value (and method), e.g. --grid data.imbalance=10,100; repeat for a product")  # fmt: skip
     report.add_argument("--out", type=Path, help="also write the markdown table here")
 
     bench = commands.add_parser("bench", help="benchmarks; results are written to files")
@@ -291,9 +293,10 @@ def command_evaluate(args: argparse.Namespace) -> None:
 
 
 def command_report(args: argparse.Namespace) -> None:
-    from ltrepro.report import collect, markdown_table
+    from ltrepro.report import collect, markdown_table, parse_grid
 
-    table = markdown_table(collect(config_files(args), project_root(args), args.methods, args.seeds, args.overrides))
+    grid = parse_grid(args.grid)
+    table = markdown_table(collect(config_files(args), project_root(args), args.methods, args.seeds, args.overrides, grid))
     print(table)
     if args.out:
         args.out.write_text(table)

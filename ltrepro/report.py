@@ -1,32 +1,65 @@
-"""Results tables generated from finished runs, never typed by hand.
+"""Results tables generated from tracked runs, never typed by hand.
 
-For each (method, seed) the stage keys are computed exactly as the runner computes them, and
-the final stage's FINISHED run supplies the metrics, so a table row is the run that
-``ltrepro train method=M seed=S`` produced (or would reuse) with the same config.
+For each row (a method, optionally at one point of a grid such as ``data.imbalance=10,100``) and
+seed, the stage keys are computed exactly as the runner computes them, and the newest FINISHED
+MLflow run tagged with the final stage's key supplies the metrics. So a cell is the run that
+``ltrepro train``, ``dvc repro`` / ``dvc exp run`` or ``mlflow run`` produced with that config,
+wherever it ran, as long as it logged to this tracking store.
 """
 from __future__ import annotations
 
-import json
+import itertools
 from pathlib import Path
 
 import numpy as np
 
 from ltrepro.config import load_config
-from ltrepro.train import find_finished, plan_method, resolve
+from ltrepro.errors import LtreproError
+from ltrepro.tracking import tracking_uri
+from ltrepro.train import plan_method, resolve
 
 COLUMNS = ("test_top1", "test_many", "test_medium", "test_few", "test_ece")
 
 
-def collect(paths: list[Path] | None, root: Path, methods: list[str], seeds: list[int], overrides: list[str]) -> dict:
-    """{method: {seed: metrics or None}} for the final stage of each method."""
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    """``["data.imbalance=10,100"]`` -> ``{"data.imbalance": ["10", "100"]}``."""
+    grid = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise LtreproError(f"--grid {item!r}: expected key=value1,value2")
+        grid[key] = values.split(",")
+    return grid
+
+
+def finished_metrics(key: str) -> dict | None:
+    import mlflow
+
+    runs = mlflow.search_runs(
+        search_all_experiments=True, filter_string=f"tags.stage_key = '{key}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1, output_format="list",
+    )  # fmt: skip
+    return dict(runs[0].data.metrics) if runs else None
+
+
+def collect(
+    paths: list[Path] | None, root: Path, methods: list[str], seeds: list[int], overrides: list[str],
+    grid: dict[str, list[str]] | None = None,
+) -> dict:  # fmt: skip
+    """{row: {seed: metrics or None}} for the final stage of each method at each grid point."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(root))
+    grid = grid or {}
     results: dict[str, dict[int, dict | None]] = {}
-    for method in methods:
-        results[method] = {}
-        for seed in seeds:
-            cfg = resolve(load_config(paths, [*overrides, f"method={method}", f"seed={seed}"]))
-            _, _, key = plan_method(cfg)[-1]
-            run_dir = find_finished(root / cfg.out_dir, key)
-            results[method][seed] = json.loads((run_dir / "run.json").read_text())["metrics"] if run_dir else None
+    for point in itertools.product(*grid.values()):
+        settings = [f"{key}={value}" for key, value in zip(grid, point)]
+        for method in methods:
+            row = ", ".join([method, *settings])
+            results[row] = {}
+            for seed in seeds:
+                cfg = resolve(load_config(paths, [*overrides, *settings, f"method={method}", f"seed={seed}"]))
+                results[row][seed] = finished_metrics(plan_method(cfg)[-1][2])
     return results
 
 
@@ -38,7 +71,7 @@ def markdown_table(results: dict) -> str:
         done = {seed: m for seed, m in by_seed.items() if m is not None}
         cells = []
         for column in COLUMNS:
-            values = np.array([m[column] for m in done.values()], dtype=float)
+            values = np.array([m.get(column, np.nan) for m in done.values()], dtype=float)
             spread = f" ± {values.std(ddof=1):.2f}" if len(values) > 1 else ""
             cells.append(f"{values.mean():.2f}{spread}" if len(values) else "-")
         missing = [s for s, m in by_seed.items() if m is None]

@@ -75,7 +75,10 @@ class Tracker:
         self.run_id = self.run.info.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
-        self.mlflow.log_params({key: "null" if value is None else value for key, value in params.items()})
+        """Log params; keys ``mlflow run`` already logged from ``-P`` (as typed) are left as they are,
+        since MLflow refuses to change a param (the resolved values are in config.yaml)."""
+        logged = self.mlflow.get_run(self.run_id).data.params
+        self.mlflow.log_params({key: "null" if value is None else value for key, value in params.items() if key not in logged})
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Numbers only; NaN is kept (MLflow stores it), so an empty shot group still has its key."""

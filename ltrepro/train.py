@@ -327,7 +327,7 @@ def run_stage(
     }
     if state is None:
         (run_dir / "run.json").write_text(json.dumps(info, indent=2))
-        record_inputs(tracker, cfg, data, run_dir, root, device, method, stage, inputs)
+        record_inputs(tracker, cfg, data, run_dir, root, device, method, stage, inputs, key)
 
     def per_epoch(metrics: dict, epoch: int) -> None:
         tracker.log_metrics(metrics, epoch)
@@ -350,11 +350,11 @@ def run_stage(
 
 def record_inputs(
     tracker: Tracker, cfg: Config, data: LTData, run_dir: Path, root: Path, device: torch.device,
-    method: Method, stage: Stage, inputs: dict[str, Path],
+    method: Method, stage: Stage, inputs: dict[str, Path], key: str,
 ) -> None:  # fmt: skip
     """Params, tags (with every input stage's run id), the resolved config and the data description."""
     tracker.log_params(flatten(to_dict(cfg)))
-    tags = run_tags(root, data_hash(data), device) | {"method": method.name, "stage": stage.name}
+    tags = run_tags(root, data_hash(data), device) | {"method": method.name, "stage": stage.name, "stage_key": key}
     for name, path in inputs.items():
         tags[f"input.{name}.run_id"] = read_run(path)["mlflow_run_id"]
     tracker.set_tags(tags)

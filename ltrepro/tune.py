@@ -29,6 +29,20 @@ from ltrepro.tracking import Tracker
 from ltrepro.train import get_method, plan_method, resolve, run_method
 
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+MAX_FAILURES_IN_A_ROW = 3  # a crashed trial does not end the study; three in a row mean a real bug
+
+
+class StopAfterFailures:
+    """Stops this worker after ``limit`` failed trials in a row, naming the last error."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.in_a_row = limit, 0
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.in_a_row = self.in_a_row + 1 if trial.state == optuna.trial.TrialState.FAIL else 0
+        if self.in_a_row >= self.limit:
+            print(f"study {study.study_name}: {self.limit} trials failed in a row; stopping (see the errors above)")
+            study.stop()
 
 
 class TrialPruned(RunStopped, optuna.TrialPruned):
@@ -71,14 +85,20 @@ def storage_url(cfg: Config, root: Path) -> str:
     return cfg.tune.storage or f"sqlite:///{(root / 'optuna.db').resolve()}"
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """The RDB storage at ``url``, reached now so that a bad URL fails before any trial."""
+def open_storage(url: str, attempts: int = 3) -> optuna.storages.RDBStorage:
+    """The RDB storage at ``url``, reached now so that a bad URL fails before any trial. Workers
+    starting together on a new database race to create its tables, so a failure is retried."""
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # workers wait for the lock
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine)
-    except Exception as exc:  # SQLAlchemy and drivers raise many types (bad URL, no server, no driver)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LtreproError(f"tune.storage {url!r}: cannot open the study storage ({type(exc).__name__}: {reason})") from None
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+        except Exception as exc:  # SQLAlchemy and drivers raise many types (bad URL, no server, no driver)
+            if attempt + 1 < attempts and not isinstance(exc, (ImportError, ValueError)):
+                time.sleep(1.0 + attempt)
+                continue
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise LtreproError(f"tune.storage {url!r}: cannot open the study storage ({type(exc).__name__}: {reason})") from None
+    raise AssertionError("unreachable")
 
 
 def make_pruner(cfg: Config, final_epochs: int) -> optuna.pruners.BasePruner:
@@ -183,10 +203,11 @@ def tune(config_paths: list[Path] | None, overrides: list[str], root: Path, resu
     finished = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
     start = time.perf_counter()
     try:
-        if finished < cfg.tune.trials:
+        if finished < cfg.tune.trials:  # runs until the study holds tune.trials finished trials
             study.optimize(
-                make_objective(cfg, root, space, name), n_trials=cfg.tune.trials - finished, catch=(Exception,),
-                callbacks=[optuna.study.MaxTrialsCallback(cfg.tune.trials, states=FINISHED_STATES)],
+                make_objective(cfg, root, space, name), catch=(Exception,),
+                callbacks=[optuna.study.MaxTrialsCallback(cfg.tune.trials, states=FINISHED_STATES),
+                           StopAfterFailures(MAX_FAILURES_IN_A_ROW)],
             )  # fmt: skip
     except KeyboardInterrupt:
         parent.end("KILLED")

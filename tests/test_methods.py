@@ -115,3 +115,6 @@ def test_report_reads_the_runs_the_runner_made(project):
     text = markdown_table(table)
     assert f"| crt | 0 (missing 1) | {results[-1].metrics['test_top1']:.2f} |" in text
     assert "| h2t |  (missing 0,1) | - |" in text
+    grid = collect([project / "params.yaml"], project, ["crt"], [0], FAST, {"data.imbalance": ["10", "5"]})
+    assert grid["crt, data.imbalance=10"][0]["test_top1"] == results[-1].metrics["test_top1"]  # the fixture's IF
+    assert grid["crt, data.imbalance=5"][0] is None

@@ -1,0 +1,177 @@
+"""ltrepro tune: studies on the tiny project, nested MLflow runs, pruning, resume, workers, bad input."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import optuna
+import pytest
+
+from ltrepro import tune as tune_module
+from ltrepro.cli import main
+from ltrepro.config import load_config
+from ltrepro.errors import LtreproError
+from ltrepro.methods import METHODS
+from ltrepro.train import train
+from ltrepro.tune import search_space, tune
+
+FAST = ["method=ffn", "stage1.epochs=2", "stage2.epochs=3", "stage2.batch_size=16", "ffn.kps_params={ga_epoch: 1}"]
+
+
+class PruneTrials(optuna.pruners.BasePruner):
+    """Prunes the given trial numbers at their second epoch: pruning without depending on luck."""
+
+    def __init__(self, numbers: set[int]) -> None:
+        self.numbers = numbers
+
+    def prune(self, study, trial) -> bool:
+        return trial.number in self.numbers and trial.last_step is not None and trial.last_step >= 1
+
+
+def study_runs(name: str):
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.optuna_study = '{name}'", output_format="list")
+    parents = [r for r in runs if r.data.tags["optuna_role"] == "study"]
+    trials = {int(r.data.tags["optuna_trial"]): r for r in runs if r.data.tags["optuna_role"] == "trial"}
+    return parents, trials
+
+
+def test_study_prunes_nests_runs_writes_best_and_resumes(project, monkeypatch):
+    monkeypatch.setattr(tune_module, "make_pruner", lambda cfg, epochs: PruneTrials({2, 4}))
+    params = project / "params.yaml"
+    summary = tune([params], [*FAST, "tune.trials=6", "tune.study=lam"], project)
+    assert summary["complete"] == 4 and summary["pruned"] == 2
+
+    study = optuna.load_study(study_name="lam", storage=f"sqlite:///{project / 'optuna.db'}")
+    states = {t.number: t.state for t in study.trials}
+    assert states[2] == states[4] == optuna.trial.TrialState.PRUNED
+    assert all(0.0 <= t.params["ffn.lam"] <= 1.0 for t in study.trials)
+    assert len(study.trials[2].intermediate_values) == 2  # reported every epoch until pruned
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    (parent,), trials = study_runs("lam")
+    assert sorted(trials) == list(range(6))
+    for number, run in trials.items():
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.status == ("KILLED" if number in (2, 4) else "FINISHED")
+        assert float(run.data.params["ffn.lam"]) == pytest.approx(study.trials[number].params["ffn.lam"])
+    for number in (0, 1, 3, 5):
+        assert trials[number].data.metrics["value"] == pytest.approx(study.trials[number].value)
+    # The stage runs of a trial nest under it; stage 1 is trained once (trial 0) and reused after.
+    stage1 = mlflow.search_runs(search_all_experiments=True, filter_string="tags.stage = 'stage1_ce'", output_format="list")
+    assert len(stage1) == 1 and stage1[0].data.tags["mlflow.parentRunId"] == trials[0].info.run_id
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
+    assert {"lam.yaml", "plots"} <= artifacts
+    plots = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "plots")}
+    assert "plots/optimization_history.png" in plots
+
+    best_file = project / "tuned" / "lam.yaml"
+    tuned = load_config([params, best_file])
+    assert tuned.method == "ffn" and tuned.ffn.lam == pytest.approx(study.best_params["ffn.lam"], abs=1e-6)
+
+    resumed = tune([params], [*FAST, "tune.trials=8", "tune.study=lam"], project, resume=True)
+    assert resumed["complete"] + resumed["pruned"] == 8
+    study = optuna.load_study(study_name="lam", storage=f"sqlite:///{project / 'optuna.db'}")
+    assert [t.number for t in study.trials] == list(range(8))
+    parents, trials = study_runs("lam")
+    assert len(parents) == 1 and sorted(trials) == list(range(8))  # the same study run goes on
+
+
+def test_existing_study_needs_resume(project, monkeypatch):
+    monkeypatch.setattr(tune_module, "run_method", lambda cfg, root, hook: pytest.fail("no trial may run"))
+    storage = optuna.storages.RDBStorage(f"sqlite:///{project / 'optuna.db'}")
+    optuna.create_study(study_name="taken", storage=storage)
+    with pytest.raises(LtreproError, match="already exists.*--resume"):
+        tune([project / "params.yaml"], [*FAST, "tune.study=taken"], project)
+
+
+def test_crashed_trial_does_not_end_the_study(project, monkeypatch):
+    real = tune_module.run_method
+    calls = []
+
+    def flaky(cfg, root, hook):
+        calls.append(cfg.ffn.lam)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(cfg, root, hook)
+
+    monkeypatch.setattr(tune_module, "run_method", flaky)
+    summary = tune([project / "params.yaml"], [*FAST, "tune.trials=3", "tune.pruner=none"], project)
+    assert summary["fail"] == 1 and summary["complete"] == 3 and len(calls) == 4
+    _, trials = study_runs("ffn-fmnist_lt")
+    assert trials[1].info.status == "FAILED"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("tune.space.ffn.lam=[0.9, 0.2]", "tune.space.ffn.lam: the range [0.9, 0.2] is empty"),
+        ("tune.space.ffn.lam=abc", "tune.space.ffn.lam: expected [low, high], two numbers; got 'abc'"),
+        ("tune.space.ffn.lam=[0, true]", "expected [low, high], two numbers"),
+        ("tune.space.ffn.lam=[0.5, 1.5]", "leaves ffn's range [0.0, 1.0]"),
+        ("tune.space.h2t.rho=[0.1, 0.2]", "tune.space.h2t.rho: ffn does not tune it; its tunables: ffn.lam"),
+        ("tune.storage=sqlite:////nonexistent/dir/optuna.db", "tune.storage 'sqlite:////nonexistent/dir/optuna.db': cannot open"),
+        ("tune.storage=postgresql://nobody@127.0.0.1:9/none", "tune.storage 'postgresql://nobody@127.0.0.1:9/none': cannot open"),
+        ("tune.pruner=sometimes", "tune.pruner: got 'sometimes', expected one of 'median', 'hyperband', 'none'"),
+    ],
+)
+def test_bad_search_space_or_storage_is_one_line(project, capsys, override, message):
+    assert main(["tune", "--config", str(project / "params.yaml"), *FAST, override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ltrepro: error:") and message in err and "\n" not in err
+    assert not (project / "runs").exists()  # nothing trained
+
+
+def test_method_without_tunables_is_refused(project, capsys):
+    assert main(["tune", "--config", str(project / "params.yaml"), "method=crt"]) == 2
+    assert "method 'crt' declares no tunable parameters" in capsys.readouterr().err
+
+
+def test_every_declared_tunable_is_a_valid_config_key(project):
+    for name in METHODS.names():
+        method = METHODS.get(name)
+        if method.tunables:
+            cfg = load_config(project / "params.yaml", [f"method={name}"])
+            assert [t.key for t in search_space(cfg, method)] == [t.key for t in method.tunables]
+
+
+def tune_command(project, *extra):
+    code = "import sys; from ltrepro.cli import main; sys.exit(main(sys.argv[1:]))"
+    args = [sys.executable, "-c", code, "tune", "--config", str(project / "params.yaml"), *FAST, *extra]
+    return subprocess.Popen(args, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_workers_share_one_sqlite_study(project):
+    train(project / "params.yaml", FAST)  # both stage-1 backbones, so the workers only run stage 2
+    workers = [tune_command(project, "tune.trials=4", "tune.study=shared", f"tune.sampler_seed={i}", "--resume") for i in (1, 2)]
+    outputs = [worker.communicate(timeout=600)[0] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    study = optuna.load_study(study_name="shared", storage=f"sqlite:///{project / 'optuna.db'}")
+    finished = [t for t in study.trials if t.state in tune_module.FINISHED_STATES]
+    assert 4 <= len(finished) <= 5 and not [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len({t.number for t in study.trials}) == len(study.trials)
+
+
+def test_ctrl_c_keeps_finished_trials(project):
+    train(project / "params.yaml", FAST)
+    worker = tune_command(project, "tune.trials=50", "tune.study=interrupted", "tune.pruner=none")
+    storage = f"sqlite:///{project / 'optuna.db'}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        time.sleep(1)
+        try:
+            study = optuna.load_study(study_name="interrupted", storage=storage)
+        except KeyError:
+            continue
+        if len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) >= 1:
+            break
+    worker.send_signal(signal.SIGINT)
+    output = worker.communicate(timeout=120)[0]
+    assert worker.returncode == 130, output
+    assert "study 'interrupted' interrupted; its finished trials are kept" in output
+    study = optuna.load_study(study_name="interrupted", storage=storage)
+    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) >= 1
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    (parent,), _ = study_runs("interrupted")
+    assert parent.info.status == "KILLED"
