@@ -93,13 +93,15 @@ class ClassifierStageConfig(StageConfig):
     init: Literal["stage1", "random"] = "stage1"  # the stage-1 head, or a fresh one (cRT)
     bn: Literal["eval", "shift"] = "eval"  # frozen statistics, or MiSLAS shift (running stats follow)
     head_lr_factor: float = bounded(1.0, 0.0)  # with LWS: classifier lr = lr * factor, scales at lr
+    # Two-backbone fusion (FFN, ffn_h2t.md §2.3): z = lam cos(W, f_kps) + (1 - lam) cos(W, f_ce);
+    # a stage-2 value like bn and head_lr_factor, read only by methods that fuse two backbones.
+    lam: float = bounded(0.5, 0.0, 1.0)
 
 
 @dataclass
 class FFNConfig:
-    """FFN stage-2 fusion: z = lam cos(W, f_kps) + (1 - lam) cos(W, f_ce) (ffn_h2t.md §2.3)."""
+    """FFN's branches (ffn_h2t.md §2); its fusion weight is stage2.lam, a stage-2 value."""
 
-    lam: float = bounded(0.9, 0.0, 1.0)
     kps_params: dict[str, Any] = field(default_factory=dict)  # the KPS branch's loss parameters
     reference_bn_bug: bool = False  # bug F1: the CE backbone's BN left in train mode (off = the fix)
 
@@ -122,7 +124,7 @@ class TuneConfig:
     startup_trials: int = bounded(3, 0)  # median pruner: trials never pruned, to form the median
     warmup_epochs: int = bounded(3, 0)  # epochs a trial runs before it may be pruned
     sampler_seed: int | None = None  # TPE seed; null: cfg.seed (give each worker its own)
-    space: dict[str, Any] = field(default_factory=dict)  # narrower ranges, e.g. {"ffn": {"lam": [0.3, 0.9]}}
+    space: dict[str, Any] = field(default_factory=dict)  # narrower ranges, e.g. {"stage2": {"lam": [0.3, 0.9]}}
     best_dir: str = "tuned"  # the best params go to <best_dir>/<study>.yaml
 
 
@@ -296,7 +298,7 @@ def with_overrides(cfg: Config, values: dict) -> Config:
 
 
 def is_config_key(key: str) -> bool:
-    """Whether ``key`` names a config value (``seed``, ``stage1.lr``, ``ffn.lam``), so the CLI can
+    """Whether ``key`` names a config value (``seed``, ``stage1.lr``, ``stage2.lam``), so the CLI can
     take ``key=value`` anywhere on its command line, and MLflow's ``--key value`` form too."""
     root, dot, _ = key.partition(".")
     hints = typing.get_type_hints(Config)

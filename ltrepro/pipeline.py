@@ -4,7 +4,7 @@ Every step is an MLflow project run (``mlflow.projects.run(..., env_manager="loc
 under the main run. A step is reused, not run, when a FINISHED run carries the same signature:
 its entry point, what determines its result (the data config for ``prepare``; the stage key, i.e.
 its config block and its inputs' keys, for a stage; the input run for ``evaluate`` / ``export``),
-the git commit and the data hash. So a stage-2 sweep (``-P ffn.lam=0.7``) never retrains stage 1.
+the git commit and the data hash. So a stage-2 sweep (``-P stage2.lam=0.7``) never retrains stage 1.
 Stage 2 receives its stage-1 checkpoints as ``runs:/<run id>`` artifact URIs and tags their ids.
 """
 from __future__ import annotations

@@ -80,7 +80,7 @@ def test_methods_command_lists_stages_and_tunables(capsys):
     listed = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
     assert set(listed) == set(METHODS.names())
     assert [s["name"] for s in listed["ffn"]["stages"]] == ["stage1_ce", "stage1_kps", "stage2"]
-    assert listed["ffn"]["tunables"][0]["key"] == "ffn.lam" and listed["h2t"]["tunables"][0]["key"] == "h2t.rho"
+    assert listed["ffn"]["tunables"][0]["key"] == "stage2.lam" and listed["h2t"]["tunables"][0]["key"] == "h2t.rho"
 
 
 def test_unknown_method_and_bad_recipe_fail_at_once(project, capsys):

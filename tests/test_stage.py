@@ -11,9 +11,9 @@ FAST = ["stage1.epochs=2", "stage2.epochs=2", "stage2.batch_size=16", "ffn.kps_p
 
 def test_overrides_are_taken_anywhere_and_in_mlflow_form():
     rest, overrides = split_overrides(
-        ["stage", "stage2", "--ffn.lam", "0.7", "--method=h2t", "seed=3", "--input", "stage1=runs/x", "--foo", "1", "x=1"]
+        ["stage", "stage2", "--stage2.lam", "0.7", "--method=h2t", "seed=3", "--input", "stage1=runs/x", "--foo", "1", "x=1"]
     )
-    assert overrides == ["ffn.lam=0.7", "method=h2t", "seed=3"]
+    assert overrides == ["stage2.lam=0.7", "method=h2t", "seed=3"]
     assert rest == ["stage", "stage2", "--input", "stage1=runs/x", "--foo", "1", "x=1"]  # inputs and unknowns stay
 
 

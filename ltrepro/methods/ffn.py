@@ -52,7 +52,7 @@ def fusion_stage(cfg: Config, data: LTData, inputs: dict[str, Path], device: tor
         FrozenBackbone(kps.backbone, "eval"),
         FrozenBackbone(ce.backbone, "batch" if cfg.ffn.reference_bn_bug else "eval"),
         head,
-        cfg.ffn.lam,
+        stage.lam,
         float(getattr(loss, "s", 1.0)),
     ).to(device)
     groups = [{"params": list(model.head.parameters())}]
@@ -72,6 +72,6 @@ register(
             Stage("stage1_kps", "stage1", STAGE1.build, overrides=kps_branch),
             Stage("stage2", "stage2", fusion_stage, inputs=("stage1_ce", "stage1_kps")),
         ),
-        (Tunable("ffn.lam", 0.0, 1.0),),
+        (Tunable("stage2.lam", 0.0, 1.0),),
     )
 )
