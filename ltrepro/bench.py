@@ -1,5 +1,8 @@
 """Benchmarks write numbers to files; they are never timed unit tests.
 
+``ltrepro bench serve``: ONNX Runtime vs PyTorch eager latency, and HTTP latency and throughput of
+``mlflow models serve``, for a registered model (see ``bench_serve``).
+
 ``ltrepro bench loader``: images per second of one training epoch (forward, backward, step) with
 the device-resident loader and with a plain torchvision DataLoader doing the same augmentation
 per sample in workers, on the same model and data.
@@ -12,6 +15,7 @@ import platform
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ltrepro.config import Config
@@ -101,6 +105,69 @@ def bench_loader(cfg: Config, data: LTData, model_factory, device: torch.device,
             "torchvision_dataloader_train": time_epochs(model_factory().to(device), baseline, device, epochs),
         },
     }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def median_latency_ms(run_once, repeats: int) -> float:
+    """Median wall time of ``run_once()`` over ``repeats`` calls, after 3 warm-up calls."""
+    for _ in range(3):
+        run_once()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run_once()
+        times.append((time.perf_counter() - start) * 1000)
+    return float(np.median(times))
+
+
+def bench_serve(model_uri: str, root: Path, out: Path, repeats: int = 50) -> dict:
+    """ONNX Runtime vs PyTorch eager latency of a registered model at batch 1 and 256, then HTTP
+    latency and throughput of ``mlflow models serve`` on real test images: single images with 1 and
+    4 clients, batches of 64 with 4 clients, and a burst of 1000 requests from 8 clients."""
+    import mlflow
+    import onnxruntime as ort
+
+    from ltrepro.model_registry import image_base64
+    from ltrepro.serving.loadtest import request_body, run_load
+    from ltrepro.serving.server import mlflow_server
+    from ltrepro.tracking import tracking_uri
+    from ltrepro.train import download_run, load_run
+
+    mlflow.set_tracking_uri(tracking_uri(root))
+    onnx_path = next(Path(mlflow.artifacts.download_artifacts(model_uri)).glob("artifacts/*.onnx"))
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    source = session.get_modelmeta().custom_metadata_map["source_run_id"]
+    run = load_run(download_run(f"runs:/{source}", root), root=root)
+    model = run.model.cpu().eval()
+    test_images, _ = next(iter(make_loader(run.data, "test", 256, torch.device("cpu"), num_workers=0).epoch()))
+    latency = {}
+    for batch in (1, 256):
+        inputs = test_images[:batch].contiguous()
+        with torch.inference_mode():
+            latency[f"eager_b{batch}_ms"] = median_latency_ms(lambda: model(inputs), repeats)
+        feed = {"images": inputs.numpy()}
+        latency[f"ort_b{batch}_ms"] = median_latency_ms(lambda: session.run(["logits"], feed), repeats)
+        latency[f"ort_over_eager_b{batch}"] = latency[f"ort_b{batch}_ms"] / latency[f"eager_b{batch}_ms"]
+
+    pngs = [image_base64(run.data.test, i) for i in range(256)]
+    singles = [request_body([image]) for image in pngs]
+    batches = [request_body(pngs[i : i + 64]) for i in range(0, 256, 64)]
+    with mlflow_server(model_uri, tracking_uri(root), out.with_suffix(".server.log")) as url:
+        run_load(url, singles, 1, 20, 1)  # warm-up
+        http = {
+            "single_1_client": run_load(url, singles, 1, 300, 1),
+            "single_4_clients": run_load(url, singles, 4, 400, 1),
+            "batch64_4_clients": run_load(url, batches, 4, 80, 64),
+            "burst_1000_8_clients": run_load(url, singles, 8, 1000, 1),
+        }
+    result = {
+        "model_uri": model_uri, "onnx": str(onnx_path), "method": run.info["method"], "dataset": run.data.name,
+        "device": f"cpu ({os.cpu_count()} cores)", "torch": torch.__version__, "onnxruntime": ort.__version__,
+        "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "repeats": repeats,
+        "latency": latency, "http": http,
+    }  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("run", nargs="?", help="run directory or MLflow URI runs:/RUN_ID of a finished stage run")
     export.add_argument("--study", help="export the final model of this Optuna study's best trial instead")
-    export.add_argument("--config", type=Path, action="append", help="params file naming the study storage (tune.storage)")
+    export.add_argument("--config", type=Path, action="append", help="params file: tune.storage for --study, registry.*")
+    export.set_defaults(overrides=[])  # key=value overrides, e.g. registry.name=NAME
     export.add_argument("--out", type=Path, help="ONNX file (default RUN_DIR/model.onnx)")
     export.add_argument("--metrics", type=Path, help="also write the parity figures as JSON here")
     export.add_argument("--root", type=Path, help="project root for data and inputs (default: the run's own)")
@@ -128,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods = commands.add_parser("methods", help="list the registered methods, their stages and tunables")
     methods.add_argument("--json", action="store_true", help="machine-readable output")
+
+    promote = commands.add_parser(
+        "promote", help="move the registry alias champion to the challenger when its validation top-1 wins by registry.margin"
+    )
+    add_config_arguments(promote)
+    promote.add_argument("--version", help="the version to consider (default: the one with alias challenger)")
 
     evaluate = commands.add_parser("evaluate", help="evaluate a finished run's checkpoint on the test set")
     evaluate.add_argument("run", help="run directory (holds config.yaml and best.pt) or MLflow URI runs:/RUN_ID")
@@ -145,12 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, help="also write the markdown table here")
 
     bench = commands.add_parser("bench", help="benchmarks; results are written to files")
-    loader = bench.add_subparsers(dest="bench_command", required=True).add_parser(
-        "loader", help="img/s of a training epoch: device-resident loader vs torchvision DataLoader"
-    )
+    benchmarks = bench.add_subparsers(dest="bench_command", required=True)
+    loader = benchmarks.add_parser("loader", help="img/s of a training epoch: device-resident loader vs torchvision DataLoader")
     add_config_arguments(loader)
     loader.add_argument("--epochs", type=int, default=3, help="timed epochs after one warm-up (default 3)")
     loader.add_argument("--out", type=Path, default=Path("bench/loader.json"), help="result file")
+    serve = benchmarks.add_parser("serve", help="ORT vs PyTorch latency; HTTP latency and throughput of mlflow models serve")
+    serve.add_argument("--model", help="registered model URI (default models:/<registry name>@champion)")
+    serve.add_argument("--config", type=Path, action="append", help=CONFIG_HELP)
+    serve.add_argument("--repeats", type=int, default=50, help="timed calls per latency figure (default 50)")
+    serve.add_argument("--out", type=Path, default=Path("bench/serve.json"), help="result file")
     return parser
 
 
@@ -249,21 +260,30 @@ def command_tune(args: argparse.Namespace) -> None:
 
 
 def command_export(args: argparse.Namespace) -> None:
+    from ltrepro.config import load_config
     from ltrepro.export import export_run
 
     args.run, args.study = args.run or None, args.study or None  # MLproject passes "" for "not given"
     if (args.run is None) == (args.study is None):
         raise LtreproError("export: give a run (directory or runs:/RUN_ID) or --study NAME, not both")
+    cfg = load_config(config_files(args), args.overrides)
     if args.study:
-        from ltrepro.config import load_config
         from ltrepro.tune import best_trial_run
 
-        args.run = best_trial_run(load_config(config_files(args)), args.study, project_root(args))
-    result = export_run(args.run, args.out, args.root, args.atol)
+        args.run = best_trial_run(cfg, args.study, project_root(args))
+    result = export_run(args.run, args.out, args.root, args.atol, cfg.registry)
     if args.metrics:
         args.metrics.parent.mkdir(parents=True, exist_ok=True)
         args.metrics.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+
+
+def command_promote(args: argparse.Namespace) -> None:
+    from ltrepro.config import load_config
+    from ltrepro.model_registry import promote
+
+    cfg = load_config(config_files(args), args.overrides)
+    print(json.dumps(promote(cfg, project_root(args), args.version), indent=2))
 
 
 def command_methods(args: argparse.Namespace) -> None:
@@ -303,6 +323,9 @@ def command_report(args: argparse.Namespace) -> None:
 
 
 def command_bench(args: argparse.Namespace) -> None:
+    if args.bench_command == "serve":
+        command_bench_serve(args)
+        return
     from ltrepro.bench import bench_loader
     from ltrepro.config import load_config
     from ltrepro.data import load_data
@@ -316,6 +339,16 @@ def command_bench(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2))
 
 
+def command_bench_serve(args: argparse.Namespace) -> None:
+    from ltrepro.bench import bench_serve
+    from ltrepro.config import load_config
+    from ltrepro.model_registry import registered_name
+
+    cfg = load_config(config_files(args))
+    model_uri = args.model or f"models:/{registered_name(cfg.registry, cfg.data.name)}@champion"
+    print(json.dumps(bench_serve(model_uri, project_root(args), args.out, args.repeats), indent=2))
+
+
 COMMANDS = {
     "data": command_prepare,
     "train": command_train,
@@ -323,6 +356,7 @@ COMMANDS = {
     "pipeline": command_pipeline,
     "tune": command_tune,
     "export": command_export,
+    "promote": command_promote,
     "methods": command_methods,
     "evaluate": command_evaluate,
     "report": command_report,

@@ -129,6 +129,14 @@ class TuneConfig:
 
 
 @dataclass
+class RegistryConfig:
+    """The MLflow model registry that ``ltrepro export`` registers into and ``ltrepro promote`` decides on."""
+
+    name: str | None = None  # null: "ltrepro-<dataset>"
+    margin: float = bounded(0.5, 0.0, 100.0)  # champion moves when the challenger's val top-1 is higher by > margin points
+
+
+@dataclass
 class Config:
     seed: int = bounded(0, 0, 2**31 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -146,6 +154,7 @@ class Config:
     ffn: FFNConfig = field(default_factory=FFNConfig)
     h2t: H2TConfig = field(default_factory=H2TConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
     recipes: dict[str, Any] = field(default_factory=dict)  # per-method overrides, applied when it runs
 
 

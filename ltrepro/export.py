@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ltrepro.config import RegistryConfig
 from ltrepro.data import data_hash
 from ltrepro.data.loader import make_loader
 from ltrepro.errors import LtreproError
@@ -29,14 +30,14 @@ PARITY_BATCH = 256
 def preprocessing(run) -> dict[str, str]:
     """The metadata a client needs to turn an image into the ``images`` input."""
     data = run.data
-    resize = "none" if data.train.in_memory else f"resize shorter side to {round(data.image_size * 256 / 224)}, center crop"
+    resize_shorter = 0 if data.train.in_memory else round(data.image_size * 256 / 224)  # loader.py's eval transform
     return {
         "mean": json.dumps(list(data.mean)),
         "std": json.dumps(list(data.std)),
         "image_size": str(data.image_size),
         "in_channels": str(data.in_channels),
         "color_mode": "L" if data.in_channels == 1 else "RGB",
-        "resize": resize,
+        "resize_shorter": str(resize_shorter),  # 0: images are image_size square (resized if not)
         "scale": "pixel / 255, then (x - mean) / std per channel",
         "class_names": json.dumps(list(data.class_names)),
     }
@@ -80,8 +81,12 @@ def parity(model: torch.nn.Module, path: Path, images: torch.Tensor, atol: float
     return figures
 
 
-def export_run(run_spec: str, out: Path | None, root: Path | None, atol: float = 1e-3) -> dict:
-    """Export the run (directory or ``runs:/ID``) to ``out`` and check it; returns the figures."""
+def export_run(
+    run_spec: str, out: Path | None, root: Path | None, atol: float = 1e-3, registry: RegistryConfig | None = None
+) -> dict:
+    """Export the run (directory or ``runs:/ID``) to ``out``, check it, and register it as a new
+    version (alias challenger) of ``registry.name``; returns the figures and the version."""
+    from ltrepro.model_registry import log_and_register, onnx_val_top1, registered_name
     from ltrepro.train import download_run, is_uri, load_run
 
     root = root.resolve() if root else None
@@ -110,8 +115,14 @@ def export_run(run_spec: str, out: Path | None, root: Path | None, atol: float =
     tracker.log_params({"source_run": run_spec, "atol": atol, "method": info["method"]})
     tags = run_tags(project_root, data_hash(run.data), torch.device("cpu")) | {"method": info["method"], "stage": "export"}
     tracker.set_tags(tags | {f"input.{info['stage']}.run_id": info["mlflow_run_id"]})
-    tracker.log_metrics(figures)
+    val_top1 = onnx_val_top1(path, run.data)
+    tracker.log_metrics(figures | {"onnx_val_top1": val_top1})
     tracker.log_artifact(path)
+    name = registered_name(registry or RegistryConfig(), run.data.name)
+    version_tags = {"source_run_id": info["mlflow_run_id"], "data_hash": tags["data_hash"], "method": info["method"],
+                    "stage_key": info["stage_key"], "val_top1": f"{val_top1:.2f}", "export_run_id": tracker.run_id}  # fmt: skip
+    model_version = log_and_register(path, name, run.data, version_tags)
     tracker.end()
     return {"onnx": str(out or path), "mlflow_run_id": tracker.run_id, "source_run_id": info["mlflow_run_id"],
-            "size_mb": round(path.stat().st_size / 2**20, 3), **figures}  # fmt: skip
+            "size_mb": round(path.stat().st_size / 2**20, 3), **figures, "onnx_val_top1": val_top1,
+            "registered_model": name, "version": model_version}  # fmt: skip

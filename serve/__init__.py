@@ -1,0 +1,1 @@
+"""Client and load test for a model served with `mlflow models serve` (see the README's Serving)."""
