@@ -283,7 +283,7 @@ def command_promote(args: argparse.Namespace) -> None:
     from ltrepro.model_registry import promote
 
     cfg = load_config(config_files(args), args.overrides)
-    print(json.dumps(promote(cfg, project_root(args), args.version), indent=2))
+    print(json.dumps(promote(cfg, project_root(args), args.version or None), indent=2))  # MLproject passes ""
 
 
 def command_methods(args: argparse.Namespace) -> None:

@@ -18,7 +18,7 @@ from ltrepro.data.fmnist import DEBIAN_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-ENTRY_POINTS = {"main", "prepare", "stage1", "stage2", "evaluate", "tune", "export"}
+ENTRY_POINTS = {"main", "prepare", "stage1", "stage2", "evaluate", "tune", "export", "promote"}
 needs_fmnist = pytest.mark.skipif(
     not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file(), reason="Debian's dataset-fashion-mnist (.ci/run installs it)"
 )
