@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser(
         "export", help="export a finished stage run's model to one ONNX file, checked against PyTorch with ONNX Runtime"
     )
-    export.add_argument("run", nargs="?", help="run directory or MLflow URI runs:/RUN_ID of a finished stage run")
+    export.add_argument("run", nargs="?", help="a finished stage run: its directory, MLflow run id or runs:/RUN_ID")
     export.add_argument("--study", help="export the final model of this Optuna study's best trial instead")
     export.add_argument("--config", type=Path, action="append", help="params file: tune.storage for --study, registry.*")
     export.set_defaults(overrides=[])  # key=value overrides, e.g. registry.name=NAME

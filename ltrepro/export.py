@@ -84,13 +84,13 @@ def parity(model: torch.nn.Module, path: Path, images: torch.Tensor, atol: float
 def export_run(
     run_spec: str, out: Path | None, root: Path | None, atol: float = 1e-3, registry: RegistryConfig | None = None
 ) -> dict:
-    """Export the run (directory or ``runs:/ID``) to ``out``, check it, and register it as a new
+    """Export the run (directory, ``runs:/ID`` or run id) to ``out``, check it, and register it as a new
     version (alias challenger) of ``registry.name``; returns the figures and the version."""
     from ltrepro.model_registry import log_and_register, onnx_val_top1, registered_name
-    from ltrepro.train import download_run, is_uri, load_run
+    from ltrepro.train import load_run, run_directory
 
     root = root.resolve() if root else None
-    run_dir = download_run(run_spec, root or Path.cwd()) if is_uri(run_spec) else Path(run_spec)
+    run_dir = run_directory(run_spec, root or Path.cwd())
     run = load_run(run_dir, root=root)
     model = run.model.cpu().eval()
     images, _ = next(iter(make_loader(run.data, "val", PARITY_BATCH, torch.device("cpu"), num_workers=0).epoch()))

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -148,6 +149,14 @@ def download_run(uri: str, root: Path) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
     return target
+
+
+def run_directory(spec: str, root: Path) -> Path:
+    """A finished run as a local directory, given as a path, a ``runs:/<id>`` URI or a bare
+    32-hex MLflow run id (as the MLflow UI shows it)."""
+    if re.fullmatch(r"[0-9a-f]{32}", spec) and not Path(spec).exists():
+        spec = f"runs:/{spec}"
+    return download_run(spec, root) if is_uri(spec) else Path(spec)
 
 
 def resolve_input(spec: str, root: Path) -> Path:
@@ -433,8 +442,7 @@ def evaluate_run(
     ``plots_dir``, also the data DVC plots (``per_class.csv``: class, training count, accuracy;
     ``confusion.csv``: actual, predicted); with ``track``, logged as an MLflow run of its own (or
     into the run ``mlflow run -e evaluate`` opened)."""
-    spec = str(run_spec)
-    run_dir = download_run(spec, root or Path.cwd()) if is_uri(spec) else Path(spec)
+    run_dir = run_directory(str(run_spec), root or Path.cwd())
     run = load_run(run_dir, checkpoint, root)
     batch_size = getattr(run.cfg, run.info["section"]).eval_batch_size
     summary, logits, labels = test_summary(batch_size, run.cfg, run.data, run.model, run.device)
@@ -446,7 +454,7 @@ def evaluate_run(
         tracker = Tracker(project, run.cfg.experiment, f"evaluate-{info['method']}-{run.data.name}-{info['mlflow_run_id'][:8]}")
         tags = run_tags(project, data_hash(run.data), run.device) | {"method": info["method"], "stage": "evaluate"}
         tracker.set_tags(tags | {f"input.{info['stage']}.run_id": info["mlflow_run_id"]})
-        tracker.log_params({"source_run": spec, "checkpoint": checkpoint})
+        tracker.log_params({"source_run": str(run_spec), "checkpoint": checkpoint})
         tracker.log_metrics(metrics)
         for path in sorted(plots_dir.glob("*.csv")) if plots_dir else []:
             tracker.log_artifact(path, "plots")

@@ -39,8 +39,8 @@ def test_export_registers_a_pyfunc_challenger(project, tmp_path):
 
 def test_promote_needs_a_win_by_the_margin_on_one_split(project, monkeypatch, tmp_path):
     final = train(project / "params.yaml", FAST)[-1]
-    for _ in range(3):
-        export_run(str(final.run_dir), tmp_path / "m.onnx", None)  # versions 1, 2, 3
+    for _ in range(3):  # versions 1, 2, 3; a bare MLflow run id names the run as well as its directory
+        export_run(final.run_id, tmp_path / "m.onnx", project)
     figures = {"1": 80.0, "2": 80.4, "3": 80.6}  # val top-1 by version, so the rule is what is tested
     monkeypatch.setattr(model_registry, "onnx_val_top1", lambda onnx, data: figures[onnx.parts[-3]])
     cfg = load_config(project / "params.yaml")

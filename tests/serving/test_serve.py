@@ -83,9 +83,10 @@ def test_http_predictions_equal_pytorch_in_both_json_forms(served):
     [
         ({"inputs": {"image": ["%%%"]}}, "row 0: not base64 text"),
         ({"inputs": {"image": [base64.b64encode(b"just text").decode()]}}, "row 0: not a PNG or JPEG image"),
-        ({"inputs": {"picture": ["abc"]}}, "image"),
+        ({"inputs": {"picture": ["abc"]}}, "Model is missing inputs ['image']"),
         ({"inputs": {"image": []}}, "an empty batch"),
-        ({"dataframe_split": {"columns": ["image"], "data": [[1.5]]}}, ""),
+        ({"dataframe_split": {"columns": ["image"], "data": [[1.5]]}}, "row 0: column 'image' must hold base64 text; got float"),
+        ({"inputs": {"image": ["A"]}, "params": {"top_k": "x"}}, "top_k"),
         ({"inputs": {"image": ["A"] * 513}}, "a batch of 513 images; the limit is 512"),
         ({"inputs": {"image": ["A" * (6 * 2**20)]}}, "an image may have at most 4194304 bytes"),
         (b"{not json", "JSON"),
