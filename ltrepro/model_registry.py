@@ -113,11 +113,11 @@ def contender(client, name: str, alias: str | None, version: str | None, root: P
         if version is None and alias == CHAMPION and "alias" in str(exc).lower():
             return None
         raise LtreproError(f"model {name} {'version ' + version if version else '@' + alias}: {exc.message}") from None
-    folder = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{found.version}", dst_path=str(
-        root / ".ltrepro" / "registry" / name / str(found.version))))  # fmt: skip
+    target = root / ".ltrepro" / "registry" / name / str(found.version)
+    folder = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{found.version}", dst_path=str(target)))
     onnx_files = sorted(folder.glob("artifacts/*.onnx"))
-    if not onnx_files:
-        raise LtreproError(f"model {name} version {found.version} holds no ONNX file; it was not made by ltrepro export")
+    if not onnx_files or "source_run_id" not in found.tags:
+        raise LtreproError(f"model {name} version {found.version} was not made by ltrepro export (no ONNX file or source run)")
     return Contender(str(found.version), dict(found.tags), onnx_files[0])
 
 
