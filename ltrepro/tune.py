@@ -15,8 +15,12 @@ default, a PostgreSQL URL unchanged for workers on several machines (``--resume`
 from __future__ import annotations
 
 import dataclasses
+import signal
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
@@ -142,7 +146,36 @@ def study_run_id(cfg: Config, root: Path, name: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def make_objective(cfg: Config, root: Path, space: list[Tunable], study_name: str):
+class Interrupt:
+    """Ctrl-C as a request, acted on at the next epoch or trial boundary. Python's default handler
+    raises KeyboardInterrupt wherever the main thread is, and inside a finaliser (a database
+    cursor, a temporary file) that exception is printed and dropped, so the study ran on."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+
+        def request(signum, frame) -> None:
+            self.requested = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+
+        previous = signal.signal(signal.SIGINT, request)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def make_objective(cfg: Config, root: Path, space: list[Tunable], study_name: str, interrupt: Interrupt):
     final_stage = plan_method(cfg)[-1][0].name
 
     def objective(trial: optuna.Trial) -> float:
@@ -158,6 +191,7 @@ def make_objective(cfg: Config, root: Path, space: list[Tunable], study_name: st
         client = mlflow.MlflowClient()
 
         def report(stage: str, metrics: dict, epoch: int) -> None:
+            interrupt.check()
             if stage != final_stage:
                 return
             trial.report(metrics["val_acc"], epoch)
@@ -201,14 +235,15 @@ def tune(config_paths: list[Path] | None, overrides: list[str], root: Path, resu
     parent.log_params({"study": name, "method": cfg.method, "trials": cfg.tune.trials, "pruner": cfg.tune.pruner,
                        **{f"space.{t.key}": f"[{t.low}, {t.high}]{' log' if t.log else ''}" for t in space}})  # fmt: skip
     finished = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
-    start = time.perf_counter()
+    start, interrupt = time.perf_counter(), Interrupt()
     try:
         if finished < cfg.tune.trials:  # runs until the study holds tune.trials finished trials
-            study.optimize(
-                make_objective(cfg, root, space, name), catch=(Exception,),
-                callbacks=[optuna.study.MaxTrialsCallback(cfg.tune.trials, states=FINISHED_STATES),
-                           StopAfterFailures(MAX_FAILURES_IN_A_ROW)],
-            )  # fmt: skip
+            with interrupt.installed():
+                study.optimize(
+                    make_objective(cfg, root, space, name, interrupt), catch=(Exception,),
+                    callbacks=[optuna.study.MaxTrialsCallback(cfg.tune.trials, states=FINISHED_STATES),
+                               StopAfterFailures(MAX_FAILURES_IN_A_ROW), lambda study, trial: interrupt.check()],
+                )  # fmt: skip
     except KeyboardInterrupt:
         parent.end("KILLED")
         raise KeyboardInterrupt(f"study {name!r} interrupted; its finished trials are kept in {url}; continue with --resume")

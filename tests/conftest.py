@@ -3,6 +3,7 @@ folder (params.yaml + prepared data + its own MLflow store) to train on it in se
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,20 @@ def class_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     for index, label in enumerate(labels):
         images[index, 2 + 2 * label : 4 + 2 * label, 4:24] = 250
     return images
+
+
+@pytest.fixture(autouse=True)
+def isolated_mlflow_environment():
+    """mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID; left behind, a later test's subprocess
+    (`mlflow run` on a fresh store) would inherit an experiment id its store lacks."""
+    names = ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI")
+    saved = {name: os.environ.get(name) for name in names}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture

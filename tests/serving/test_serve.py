@@ -55,8 +55,9 @@ def served(tmp_path_factory):
         encoded = [image_base64(run.data.test, i) for i in range(IMAGES)]
         with mlflow_server(MODEL, uri, root / "server.log") as url:
             yield {"url": url, "root": root, "uri": uri, "encoded": encoded, "expected": expected}
-    finally:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    finally:  # set_experiment exported MLFLOW_EXPERIMENT_ID; later tests' subprocesses must not inherit it
+        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID"):
+            os.environ.pop(name, None)
 
 
 def post(url: str, body) -> tuple[int, dict]:
