@@ -212,7 +212,7 @@ def print_result(result) -> None:
 
 def command_stage(args: argparse.Namespace) -> None:
     from ltrepro.config import load_config
-    from ltrepro.train import get_method, read_run, resolve, run_named_stage, select_stage, to_json
+    from ltrepro.train import get_method, resolve, run_named_stage, select_stage
 
     cfg = resolve(load_config(config_files(args), args.overrides))
     method = get_method(cfg.method)
@@ -223,18 +223,16 @@ def command_stage(args: argparse.Namespace) -> None:
         target = args.run_dir or Path(cfg.out_dir) / f"unused-{method.name}-{args.stage.replace(':', '-')}"
         target.mkdir(parents=True, exist_ok=True)
         (target / "run.json").write_text(json.dumps(marker, indent=2) + "\n")
-        if args.metrics:
-            args.metrics.parent.mkdir(parents=True, exist_ok=True)
-            args.metrics.write_text("{}\n")
+        write_metrics(args.metrics, {})
         print(f"{args.stage}: unused by {method.name} ({marker['reason']}); wrote {target / 'run.json'}")
         return
     inputs = {}
     for directory in args.from_dirs:
-        info = json.loads((directory / "run.json").read_text()) if (directory / "run.json").is_file() else None
-        if info is None:
+        if not (directory / "run.json").is_file():
             raise LtreproError(f"--from {directory}: no run.json there")
-        if info.get("status") != "UNUSED":
-            inputs[read_run(directory)["stage"]] = str(directory)
+        info = json.loads((directory / "run.json").read_text())
+        if info.get("status") != "UNUSED":  # a run's own files are checked when it is resolved as an input
+            inputs[info["stage"]] = str(directory)
     for text in (item for value in args.input for item in value.split(",") if item):
         name, sep, spec = text.partition("=")
         if not sep or not name or not spec:
@@ -242,9 +240,16 @@ def command_stage(args: argparse.Namespace) -> None:
         inputs[name] = spec
     result = run_named_stage(cfg, project_root(args), stage, inputs, args.run_dir)
     print_result(result)
-    if args.metrics:
-        args.metrics.parent.mkdir(parents=True, exist_ok=True)
-        args.metrics.write_text(to_json(result.metrics))
+    write_metrics(args.metrics, result.metrics)
+
+
+def write_metrics(path: Path | None, values: dict) -> None:
+    """The ``--metrics FILE`` of stage and export (DVC's metrics files); nothing when not asked."""
+    from ltrepro.train import to_json
+
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(to_json(values))
 
 
 def command_pipeline(args: argparse.Namespace) -> None:
@@ -272,9 +277,7 @@ def command_export(args: argparse.Namespace) -> None:
 
         args.run = best_trial_run(cfg, args.study, project_root(args))
     result = export_run(args.run, args.out, args.root, args.atol, cfg.registry)
-    if args.metrics:
-        args.metrics.parent.mkdir(parents=True, exist_ok=True)
-        args.metrics.write_text(json.dumps(result, indent=2) + "\n")
+    write_metrics(args.metrics, result)
     print(json.dumps(result, indent=2))
 
 

@@ -242,14 +242,19 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     """Set each ``key.sub=value`` in a nested dict (in place); unknown keys are caught by validation."""
     for text in overrides:
         path, value = parse_override(text)
-        node = values
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise LtreproError(f"override {text!r}: {part} is not a section")
-            node = child
-        node[path[-1]] = value
+        set_path(values, path, value, text)
     return values
+
+
+def set_path(values: dict, path: list[str], value: Any, text: str) -> None:
+    """``values[path[0]][path[1]]... = value``, creating sections; ``text`` names the setting in errors."""
+    node = values
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise LtreproError(f"override {text!r}: {part} is not a section")
+        node = child
+    node[path[-1]] = value
 
 
 def read_yaml(path: Path) -> dict:
@@ -316,6 +321,14 @@ def is_config_key(key: str) -> bool:
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+    """{"stage2.lam": 0.7} -> {"stage2": {"lam": 0.7}}: the inverse of ``flatten``."""
+    values: dict = {}
+    for key, value in flat.items():
+        set_path(values, key.split("."), value, key)
+    return values
 
 
 def flatten(values: dict, prefix: str = "") -> dict[str, Any]:

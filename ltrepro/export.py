@@ -21,7 +21,6 @@ from ltrepro.config import RegistryConfig
 from ltrepro.data import data_hash
 from ltrepro.data.loader import make_loader
 from ltrepro.errors import LtreproError
-from ltrepro.tracking import Tracker, run_tags
 
 MIN_AGREEMENT = 0.99
 PARITY_BATCH = 256
@@ -87,7 +86,7 @@ def export_run(
     """Export the run (directory, ``runs:/ID`` or run id) to ``out``, check it, and register it as a new
     version (alias challenger) of ``registry.name``; returns the figures and the version."""
     from ltrepro.model_registry import log_and_register, onnx_val_top1, registered_name
-    from ltrepro.train import load_run, run_directory
+    from ltrepro.train import load_run, run_directory, step_tracker
 
     root = root.resolve() if root else None
     run_dir = run_directory(run_spec, root or Path.cwd())
@@ -110,16 +109,13 @@ def export_run(
         raise LtreproError(f"ONNX export of {run_dir} failed: {type(exc).__name__}: {exc}") from None
     temp.replace(path)  # a failed export never overwrites a good file
 
-    project_root = root or Path(info["project_root"])
-    tracker = Tracker(project_root, run.cfg.experiment, f"export-{info['method']}-{run.data.name}-{info['mlflow_run_id'][:8]}")
+    tracker = step_tracker(run, root, "export", torch.device("cpu"))
     tracker.log_params({"source_run": run_spec, "atol": atol, "method": info["method"]})
-    tags = run_tags(project_root, data_hash(run.data), torch.device("cpu")) | {"method": info["method"], "stage": "export"}
-    tracker.set_tags(tags | {f"input.{info['stage']}.run_id": info["mlflow_run_id"]})
     val_top1 = onnx_val_top1(path, run.data)
     tracker.log_metrics(figures | {"onnx_val_top1": val_top1})
     tracker.log_artifact(path)
     name = registered_name(registry or RegistryConfig(), run.data.name)
-    version_tags = {"source_run_id": info["mlflow_run_id"], "data_hash": tags["data_hash"], "method": info["method"],
+    version_tags = {"source_run_id": info["mlflow_run_id"], "data_hash": data_hash(run.data), "method": info["method"],
                     "stage_key": info["stage_key"], "val_top1": f"{val_top1:.2f}", "export_run_id": tracker.run_id}  # fmt: skip
     model_version = log_and_register(path, name, run.data, version_tags)
     tracker.end()

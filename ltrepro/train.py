@@ -151,18 +151,18 @@ def download_run(uri: str, root: Path) -> Path:
     return target
 
 
-def run_directory(spec: str, root: Path) -> Path:
-    """A finished run as a local directory, given as a path, a ``runs:/<id>`` URI or a bare
-    32-hex MLflow run id (as the MLflow UI shows it)."""
-    if re.fullmatch(r"[0-9a-f]{32}", spec) and not Path(spec).exists():
+def run_directory(spec: str, root: Path, base: Path = Path()) -> Path:
+    """A run as a local directory, given as a path (relative to ``base``), a ``runs:/<id>`` URI or a
+    bare 32-hex MLflow run id (as the MLflow UI shows it); MLflow artifacts are downloaded under root."""
+    if re.fullmatch(r"[0-9a-f]{32}", spec) and not (base / spec).exists():
         spec = f"runs:/{spec}"
-    return download_run(spec, root) if is_uri(spec) else Path(spec)
+    return download_run(spec, root) if is_uri(spec) else base / spec
 
 
 def resolve_input(spec: str, root: Path) -> Path:
-    """A stage input as a local run directory: a path (absolute or relative to the project root)
-    or the MLflow artifact URI of a stage run; it must have finished and kept ``best.pt``."""
-    path = download_run(spec, root) if is_uri(spec) else root / spec
+    """A stage input as a local run directory: a path (absolute or relative to the project root),
+    an MLflow run id or artifact URI of a stage run; it must have finished and kept ``best.pt``."""
+    path = run_directory(spec, root, base=root)
     info = read_run(path)
     if info.get("status") != "FINISHED" or not (path / "best.pt").is_file():
         raise LtreproError(f"input {spec}: not a finished stage run with best.pt (status {info.get('status')})")
@@ -434,6 +434,16 @@ def load_run(run_dir: Path, checkpoint: str = "best.pt", root: Path | None = Non
     return LoadedRun(model.eval(), cfg, data, {**info, "section": stage.section}, device, path, state.get("epoch"))
 
 
+def step_tracker(run: LoadedRun, root: Path | None, step: str, device: torch.device) -> Tracker:
+    """The MLflow run of a step on a finished stage run (evaluate, export), tagged like a stage
+    run (commit, data hash, device) plus the step and the stage run it read."""
+    info, project = run.info, root or Path(run.info["project_root"])
+    tracker = Tracker(project, run.cfg.experiment, f"{step}-{info['method']}-{run.data.name}-{info['mlflow_run_id'][:8]}")
+    tags = run_tags(project, data_hash(run.data), device) | {"method": info["method"], "stage": step}
+    tracker.set_tags(tags | {f"input.{info['stage']}.run_id": info["mlflow_run_id"]})
+    return tracker
+
+
 def evaluate_run(
     run_spec: str | Path, checkpoint: str = "best.pt", root: Path | None = None, plots_dir: Path | None = None,
     track: bool = False,
@@ -450,10 +460,7 @@ def evaluate_run(
     if plots_dir is not None:
         write_plot_data(plots_dir, summary["per_class"], logits.argmax(1), labels, run.data)
     if track:
-        info, project = run.info, root or Path(run.info["project_root"])
-        tracker = Tracker(project, run.cfg.experiment, f"evaluate-{info['method']}-{run.data.name}-{info['mlflow_run_id'][:8]}")
-        tags = run_tags(project, data_hash(run.data), run.device) | {"method": info["method"], "stage": "evaluate"}
-        tracker.set_tags(tags | {f"input.{info['stage']}.run_id": info["mlflow_run_id"]})
+        tracker = step_tracker(run, root, "evaluate", run.device)
         tracker.log_params({"source_run": str(run_spec), "checkpoint": checkpoint})
         tracker.log_metrics(metrics)
         for path in sorted(plots_dir.glob("*.csv")) if plots_dir else []:

@@ -26,10 +26,10 @@ from pathlib import Path
 import optuna
 import yaml
 
-from ltrepro.config import Config, flatten, load_config, with_overrides
+from ltrepro.config import Config, flatten, load_config, unflatten, with_overrides
 from ltrepro.errors import LtreproError, RunStopped
 from ltrepro.methods import Method, Tunable
-from ltrepro.tracking import Tracker
+from ltrepro.tracking import Tracker, tracking_uri
 from ltrepro.train import get_method, plan_method, resolve, run_method
 
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -53,15 +53,6 @@ class TrialPruned(RunStopped, optuna.TrialPruned):
     """Optuna's pruning signal, which also ends the stage's MLflow run as KILLED."""
 
 
-def nested(key: str, value) -> dict:
-    """``"stage2.lam", 0.7`` -> ``{"stage2": {"lam": 0.7}}``."""
-    *parents, leaf = key.split(".")
-    tree = {leaf: value}
-    for parent in reversed(parents):
-        tree = {parent: tree}
-    return tree
-
-
 def search_space(cfg: Config, method: Method) -> list[Tunable]:
     """The method's tunables, narrowed by ``tune.space``; each range checked against the config."""
     declared = {tunable.key: tunable for tunable in method.tunables}
@@ -81,7 +72,7 @@ def search_space(cfg: Config, method: Method) -> list[Tunable]:
         declared[key] = dataclasses.replace(tunable, low=low, high=high)
     for tunable in declared.values():
         for bound in (tunable.low, tunable.high):
-            with_overrides(cfg, nested(tunable.key, bound))  # a bound the config rejects fails now
+            with_overrides(cfg, unflatten({tunable.key: bound}))  # a bound the config rejects fails now
     return list(declared.values())
 
 
@@ -136,8 +127,6 @@ def study_run_id(cfg: Config, root: Path, name: str) -> str | None:
     """The study's parent MLflow run, so a resumed study logs into the same one."""
     import mlflow
 
-    from ltrepro.tracking import tracking_uri
-
     mlflow.set_tracking_uri(tracking_uri(root))
     runs = mlflow.search_runs(
         experiment_names=[cfg.experiment], filter_string=f"tags.optuna_study = '{name}' and tags.optuna_role = 'study'",
@@ -182,9 +171,7 @@ def make_objective(cfg: Config, root: Path, space: list[Tunable], study_name: st
         import mlflow
 
         values = {t.key: trial.suggest_float(t.key, t.low, t.high, log=t.log) for t in space}
-        trial_cfg = cfg
-        for key, value in values.items():
-            trial_cfg = with_overrides(trial_cfg, nested(key, value))
+        trial_cfg = with_overrides(cfg, unflatten(values))
         run = Tracker(root, cfg.experiment, f"{study_name}-trial-{trial.number}")
         run.set_tags({"optuna_study": study_name, "optuna_trial": str(trial.number), "optuna_role": "trial"})
         run.log_params(values)
@@ -278,12 +265,7 @@ def summarize_study(study: optuna.Study, cfg: Config, root: Path, name: str, par
 
 def write_best(cfg: Config, root: Path, name: str, best: optuna.trial.FrozenTrial) -> Path:
     """The best params as a config layer: ``ltrepro train --config params.yaml --config <it>``."""
-    values: dict = {"method": cfg.method}
-    for key, value in best.params.items():
-        path, node = key.split("."), values
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = round(value, 6)
+    values = {"method": cfg.method, **unflatten({key: round(value, 6) for key, value in best.params.items()})}
     path = root / cfg.tune.best_dir / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     header = (

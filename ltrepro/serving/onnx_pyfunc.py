@@ -24,6 +24,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
+from PIL import Image, UnidentifiedImageError
 
 MAX_BATCH = 512
 MAX_IMAGE_BYTES = 4 * 2**20
@@ -76,8 +77,6 @@ def read_preprocessing(metadata: dict[str, str]) -> dict:
 
 def decode_image(text: object, row: int):
     """base64 text -> a Pillow image, checked against the limits before its pixels are decoded."""
-    from PIL import Image, UnidentifiedImageError
-
     if not isinstance(text, str):
         raise BadRequest(f"row {row}: column 'image' must hold base64 text; got {type(text).__name__}")
     if len(text) > MAX_IMAGE_BYTES * 4 // 3 + 4:
@@ -104,8 +103,6 @@ def to_input(image, prep: dict) -> np.ndarray:
     """One image -> C x H x W float32, as the evaluation transform of training: the colour mode,
     then (files) the shorter side to resize_shorter and a centre crop, or (in-memory sets) a resize
     to image_size x image_size when the size differs; then x / 255 and (x - mean) / std."""
-    from PIL import Image
-
     image = image.convert(prep["color_mode"])
     size = prep["image_size"]
     if prep["resize_shorter"]:
