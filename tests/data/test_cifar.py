@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torchvision import datasets
 
 from ltrepro.config import DataConfig
+from ltrepro.data import cifar
 from ltrepro.data.base import DATASETS
 from ltrepro.data.cifar import CIFAR_MEAN, CIFAR_STD
 from ltrepro.data.lt import lt_counts, lt_split
@@ -182,3 +184,15 @@ def test_data_path_overrides_root(tmp_path):
     write_cifar100(tmp_path / "elsewhere")
     cfg = cifar_config(tmp_path, name="cifar100_lt", path=str(tmp_path / "elsewhere"), n_max=10, val_per_class=2)
     assert len(build(cfg).test) == 200
+
+
+@pytest.mark.parametrize(
+    "layout, dataset",
+    [(cifar.CIFAR10, datasets.CIFAR10), (cifar.CIFAR100, datasets.CIFAR100)],
+    ids=["cifar10", "cifar100"],
+)
+def test_checksum_tables_match_torchvisions_published_lists(layout, dataset):
+    published = dict(dataset.train_list + dataset.test_list)
+    assert layout.md5 == published
+    assert layout.folder == dataset.base_folder
+    assert set(layout.train_files) | {layout.test_file} == set(published)
