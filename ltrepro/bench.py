@@ -133,7 +133,8 @@ def bench_serve(model_uri: str, root: Path, out: Path, repeats: int = 50) -> dic
     from ltrepro.serving.loadtest import request_body, run_load
     from ltrepro.serving.server import mlflow_server
     from ltrepro.tracking import tracking_uri
-    from ltrepro.train import download_run, load_run
+    from ltrepro.artifacts import download_run
+    from ltrepro.rebuild import load_run
 
     mlflow.set_tracking_uri(tracking_uri(root))
     onnx_path = next(Path(mlflow.artifacts.download_artifacts(model_uri)).glob("artifacts/*.onnx"))

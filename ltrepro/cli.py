@@ -195,7 +195,7 @@ def command_prepare(args: argparse.Namespace) -> None:
 
 
 def command_train(args: argparse.Namespace) -> None:
-    from ltrepro.train import train
+    from ltrepro.runner import train
 
     for result in train(config_files(args), args.overrides, args.resume):
         print_result(result)
@@ -212,7 +212,8 @@ def print_result(result) -> None:
 
 def command_stage(args: argparse.Namespace) -> None:
     from ltrepro.config import load_config
-    from ltrepro.train import get_method, resolve, run_named_stage, select_stage
+    from ltrepro.context import get_method, resolve
+    from ltrepro.runner import run_named_stage, select_stage
 
     cfg = resolve(load_config(config_files(args), args.overrides))
     method = get_method(cfg.method)
@@ -245,7 +246,7 @@ def command_stage(args: argparse.Namespace) -> None:
 
 def write_metrics(path: Path | None, values: dict) -> None:
     """The ``--metrics FILE`` of stage and export (DVC's metrics files); nothing when not asked."""
-    from ltrepro.train import to_json
+    from ltrepro.runs import to_json
 
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -305,7 +306,8 @@ def command_methods(args: argparse.Namespace) -> None:
 
 
 def command_evaluate(args: argparse.Namespace) -> None:
-    from ltrepro.train import evaluate_run, to_json
+    from ltrepro.runs import to_json
+    from ltrepro.scoring import evaluate_run
 
     metrics = evaluate_run(args.run, args.checkpoint, args.root and args.root.resolve(), args.plots_dir, track=True)
     out = args.out or Path(metrics["run_dir"]) / "evaluation.json"
@@ -333,7 +335,7 @@ def command_bench(args: argparse.Namespace) -> None:
     from ltrepro.config import load_config
     from ltrepro.data import load_data
     from ltrepro.stages import build_model
-    from ltrepro.train import resolve, select_device
+    from ltrepro.context import resolve, select_device
 
     cfg = resolve(load_config(config_files(args), args.overrides))
     root = project_root(args)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -62,16 +63,29 @@ class ModelConfig:
 
 
 @dataclass
-class StageConfig:
-    """One training stage: optimiser, schedule, sampler, loss, head, mixup, FCC, selection."""
+class SamConfig:
+    """Sharpness-aware minimisation (Foret et al., ICLR'21, Eq. 2; adaptive: Kwon et al., ICML'21, Eq. 9)."""
 
-    epochs: int = bounded(200, 1)
-    batch_size: int = bounded(128, 2)
-    eval_batch_size: int = bounded(512, 1)
+    rho: float = bounded(0.05, 0.0)  # radius of the weight perturbation
+    adaptive: bool = False  # ASAM: the perturbation scaled by |w| element-wise
+
+
+@dataclass
+class StageConfig:
+    """One training stage: optimiser, update rule, schedule, sampler, loss, head, mixup, FCC, selection."""
+
+    epochs: int = bounded(60, 1)
+    batch_size: int = bounded(64, 2)
+    eval_batch_size: int = bounded(1000, 1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = bounded(0.1, 0.0)
-    momentum: float = bounded(0.9, 0.0, 1.0)
-    nesterov: bool = False
-    weight_decay: float = bounded(2e-4, 0.0)
+    momentum: float = bounded(0.9, 0.0, 1.0)  # sgd
+    nesterov: bool = False  # sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    weight_decay: float = bounded(5e-4, 0.0)
+    decay_1d: bool = True  # false: 1-d parameters (BN affine, biases, LWS scales) get no weight decay
+    update: Literal["plain", "sam"] = "plain"  # sam: two forward/backward passes a step (sam.rho)
+    sam: SamConfig = field(default_factory=SamConfig)
     warmup_epochs: int = bounded(5, 0)
     schedule: Literal["cosine", "multistep"] = "cosine"
     milestones: list[int] = field(default_factory=lambda: [160, 180])
@@ -82,7 +96,7 @@ class StageConfig:
     loss: str = "ce"  # a registered loss (ltrepro.losses)
     loss_params: dict[str, Any] = field(default_factory=dict)  # the loss's own parameters
     head: Literal["linear", "cosine"] = "linear"
-    fcc: float = bounded(0.0, 0.0)  # FCC gamma (fsgl_fcc.md §1.3); 0 = off
+    fcc: float = bounded(0.0, 0.0)  # FCC gamma (docs/methods/fcc.md); 0 = off
     fcc_start_epoch: int = bounded(0, 0)  # FCC scales features from epoch fcc_start_epoch + 1 (1-based)
 
 
@@ -93,24 +107,13 @@ class ClassifierStageConfig(StageConfig):
     init: Literal["stage1", "random"] = "stage1"  # the stage-1 head, or a fresh one (cRT)
     bn: Literal["eval", "shift"] = "eval"  # frozen statistics, or MiSLAS shift (running stats follow)
     head_lr_factor: float = bounded(1.0, 0.0)  # with LWS: classifier lr = lr * factor, scales at lr
-    # Two-backbone fusion (FFN, ffn_h2t.md §2.3): z = lam cos(W, f_kps) + (1 - lam) cos(W, f_ce);
-    # a stage-2 value like bn and head_lr_factor, read only by methods that fuse two backbones.
-    lam: float = bounded(0.5, 0.0, 1.0)
 
 
-@dataclass
-class FFNConfig:
-    """FFN's branches (ffn_h2t.md §2); its fusion weight is stage2.lam, a stage-2 value."""
-
-    kps_params: dict[str, Any] = field(default_factory=dict)  # the KPS branch's loss parameters
-    reference_bn_bug: bool = False  # bug F1: the CE backbone's BN left in train mode (off = the fix)
-
-
-@dataclass
-class H2TConfig:
-    """H2T grafting ratio: floor(rho K) last-stage channels of the fused sample replaced (§3.3)."""
-
-    rho: float = bounded(0.25, 0.0, 1.0)
+def classifier_stage_defaults() -> ClassifierStageConfig:
+    """params.yaml's stage2 block: a short class-balanced schedule, no warm-up."""
+    return ClassifierStageConfig(
+        epochs=10, batch_size=128, lr=0.02, warmup_epochs=0, milestones=[], sampler="class_balanced"
+    )
 
 
 @dataclass
@@ -137,25 +140,50 @@ class RegistryConfig:
 
 
 @dataclass
-class Config:
+class BaseConfig:
+    """The blocks every method shares; ``config_class()`` adds the blocks that methods register."""
+
     seed: int = bounded(0, 0, 2**31 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     out_dir: str = "runs"  # checkpoints go to <out_dir>/<run name>/
     experiment: str = "ltrepro"  # MLflow experiment
-    method: str = "ce"  # a registered method (`ltrepro methods`)
+    method: str = "ffn"  # a registered method (`ltrepro methods`)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     stage1: StageConfig = field(default_factory=StageConfig)
-    stage2: ClassifierStageConfig = field(
-        default_factory=lambda: ClassifierStageConfig(
-            epochs=10, batch_size=128, lr=0.02, warmup_epochs=0, sampler="class_balanced", weight_decay=5e-4
-        )
-    )
-    ffn: FFNConfig = field(default_factory=FFNConfig)
-    h2t: H2TConfig = field(default_factory=H2TConfig)
+    stage2: ClassifierStageConfig = field(default_factory=classifier_stage_defaults)
     tune: TuneConfig = field(default_factory=TuneConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     recipes: dict[str, Any] = field(default_factory=dict)  # per-method overrides, applied when it runs
+
+
+Config = BaseConfig  # for annotations; instances are of ``config_class()``, which has the method blocks too
+BLOCKS: dict[str, type] = {}  # method blocks by top-level key (ffn, h2t, ...), added by ``register_block``
+
+
+def register_block(name: str, cls: type) -> type:
+    """Add a method's own config block (a dataclass whose defaults equal params.yaml's) as top-level key ``name``."""
+    shared = {f.name for f in dataclasses.fields(BaseConfig)}
+    if name in shared or BLOCKS.get(name, cls) is not cls:
+        raise ValueError(f"config block {name!r} is registered twice")
+    BLOCKS[name] = cls
+    config_class.cache_clear()
+    return cls
+
+
+def unregister_block(name: str) -> None:
+    """Remove a block (tests register toy methods and their blocks, then remove them)."""
+    BLOCKS.pop(name, None)
+    config_class.cache_clear()
+
+
+@functools.cache
+def config_class() -> type:
+    """The full configuration: the shared blocks plus every registered method block."""
+    import ltrepro.methods  # noqa: F401  (registering the methods registers their blocks)
+
+    extra = [(name, cls, field(default_factory=cls)) for name, cls in BLOCKS.items()]
+    return dataclasses.make_dataclass("Config", extra, bases=(BaseConfig,))
 
 
 def _describe(tp: Any) -> str:
@@ -275,7 +303,7 @@ def load_config(path: str | Path | None | list = "params.yaml", overrides: list[
     after it), then the ``key.sub=value`` overrides."""
     paths = [Path(p) for p in (path if isinstance(path, list) else [path] if path is not None else [])]
     layers = [read_yaml(p) for p in paths]
-    return _build(Config(), with_recipe(layers[0] if layers else {}, layers[1:], list(overrides)), "")
+    return _build(config_class()(), with_recipe(layers[0] if layers else {}, layers[1:], list(overrides)), "")
 
 
 def with_recipe(values: dict, layers: list[dict], overrides: list[str]) -> dict:
@@ -287,11 +315,11 @@ def with_recipe(values: dict, layers: list[dict], overrides: list[str]) -> dict:
     if not isinstance(recipes, dict):
         raise LtreproError(f"recipes: expected a mapping of method name to overrides, got {recipes!r}")
     for name, recipe in recipes.items():
-        _build(Config(), recipe, f"recipes.{name}.")
+        _build(config_class()(), recipe, f"recipes.{name}.")
     later = {}
     for layer in layers:
         later = deep_merge(later, layer)
-    method = apply_overrides(deep_merge(values, later), overrides).get("method", Config.method)
+    method = apply_overrides(deep_merge(values, later), overrides).get("method", BaseConfig.method)
     return apply_overrides(deep_merge(deep_merge(values, recipes.get(method) or {}), later), overrides)
 
 
@@ -315,7 +343,7 @@ def is_config_key(key: str) -> bool:
     """Whether ``key`` names a config value (``seed``, ``stage1.lr``, ``stage2.lam``), so the CLI can
     take ``key=value`` anywhere on its command line, and MLflow's ``--key value`` form too."""
     root, dot, _ = key.partition(".")
-    hints = typing.get_type_hints(Config)
+    hints = typing.get_type_hints(config_class())
     return root in hints and (bool(dot) or not dataclasses.is_dataclass(hints[root]))
 
 

@@ -1,8 +1,15 @@
 """The training loop shared by every stage: epochs, checkpoint/resume, AMP, progress, NaN guard.
 
-What a stage trains and how its loss is formed is passed in (an ``Objective``, see
-``ltrepro.objectives``); the loop itself never changes when a method is added. Each epoch ends with a validation pass; the checkpoint
-kept for the final test is chosen on validation only (``select: best_val | last``).
+What a stage trains is passed in as a ``StagePlan`` (``ltrepro.stages``): the model, the objective
+that forms each step's loss, the loader, the optimiser, the update rule (plain or SAM) and the
+readout that turns the model into class scores. The loop names no optimiser and never changes
+when a method is added. Each epoch ends with a validation pass through the readout; the
+checkpoint kept for the final test is chosen on validation only (``select: best_val | last``).
+
+Epoch hooks, all optional: the loader's ``set_epoch(epoch, model)`` runs before an epoch (a
+subset redrawn from the current model); ``epoch_metrics()`` of the objective and the loader adds
+to the epoch's logged metrics; ``epoch_state()`` / ``load_epoch_state(state)`` keep their state
+(tensors and primitives) in ``last.pt``, so a resumed run equals an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -23,8 +30,11 @@ from ltrepro.data.loader import fixed_seed_generator
 from ltrepro.errors import LtreproError
 from ltrepro.evaluate import balanced_accuracy
 
+
 class Objective(Protocol):
-    """A stage's loss: called every step; ``set_epoch`` (0-based) before every epoch."""
+    """A stage's loss: called every step with the step's random source ``rng`` (every draw a step
+    makes comes from it, so SAM's second pass can replay them); ``set_epoch`` (0-based) before
+    every epoch. An objective may define ``perturbation_loss`` (same signature) for SAM's first pass."""
 
     def __call__(self, model: nn.Module, images, labels: torch.Tensor, rng: np.random.Generator) -> torch.Tensor: ...
     def set_epoch(self, epoch: int) -> None: ...
@@ -33,6 +43,9 @@ class Objective(Protocol):
 class Loader(Protocol):
     def __len__(self) -> int: ...
     def epoch(self, epoch: int = 0, generator: torch.Generator | None = None) -> Iterable: ...
+
+
+HOOKED = ("objective", "train_loader")  # the plan parts whose epoch hooks the engine calls
 
 
 def lr_factor(step: int, steps_per_epoch: int, stage: StageConfig) -> float:
@@ -64,10 +77,10 @@ def autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def validation_accuracy(model: nn.Module, loader: Loader, device: torch.device, num_classes: int) -> float:
-    """Class-balanced validation accuracy (%), the only number model selection reads."""
-    logits, labels = predict(model, loader, device)
-    return balanced_accuracy(logits.argmax(1), labels, num_classes)
+def validation_accuracy(plan, loader: Loader, device: torch.device, num_classes: int) -> float:
+    """Class-balanced validation accuracy (%) of the plan's readout, the only number selection reads."""
+    scores, labels = plan.readout.predict(plan.model, loader, device)
+    return balanced_accuracy(scores.argmax(1), labels, num_classes)
 
 
 class Progress:
@@ -97,10 +110,8 @@ class FitResult:
 
 
 def fit(
-    model: nn.Module,
-    objective: Objective,
+    plan,
     stage: StageConfig,
-    train_loader: Loader,
     val_loader: Loader,
     run_dir: Path,
     device: torch.device,
@@ -108,40 +119,42 @@ def fit(
     num_classes: int,
     log_metrics: Callable[[dict, int], None] = lambda metrics, step: None,
     resume_state: dict | None = None,
-    param_groups: list[dict] | None = None,
 ) -> FitResult:
-    """Train ``model`` for ``stage.epochs`` epochs and return the checkpoint selected on validation.
+    """Train ``plan.model`` for ``stage.epochs`` epochs and return the checkpoint selected on validation.
 
-    ``param_groups`` are the trainable parameters (all of the model's by default; stage 2 passes
-    only its head), each group's lr scaled by the schedule. ``last.pt`` (full state, every epoch)
-    makes the run resumable; ``best.pt`` holds the weights that ``stage.select`` picks. Epoch e
-    draws its batches and mixup from generators seeded by (seed, e), so a resumed run repeats an
-    uninterrupted one exactly on CPU.
+    The optimiser's groups are the trainable parameters, each group's lr scaled by the schedule.
+    ``last.pt`` (full state, every epoch) makes the run resumable; ``best.pt`` holds the weights
+    that ``stage.select`` picks. Epoch e draws its batches and mixup from generators seeded by
+    (seed, e), so a resumed run repeats an uninterrupted one exactly on CPU.
     """
-    groups = param_groups if param_groups is not None else [{"params": list(model.parameters())}]
-    optimizer = torch.optim.SGD(
-        groups, lr=stage.lr, momentum=stage.momentum, weight_decay=stage.weight_decay, nesterov=stage.nesterov
-    )
-    steps_per_epoch = len(train_loader)
+    model, optimizer = plan.model, plan.optimizer
+    steps_per_epoch = len(plan.train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, stage))
     start_epoch, best_val, best_epoch, history = 0, -1.0, -1, []
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    hooked = {name: getattr(plan, name) for name in HOOKED}
     if resume_state is not None:
         load_weights(model, resume_state["model"], last_path)
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         torch.set_rng_state(resume_state["torch_rng"])
+        for name, state in resume_state.get("epoch_state", {}).items():
+            hooked[name].load_epoch_state(state)
         start_epoch, best_val, best_epoch = resume_state["epoch"] + 1, resume_state["best_val"], resume_state["best_epoch"]
         history = list(resume_state["history"])
     for epoch in range(start_epoch, stage.epochs):
-        train_loss, seconds, seen = run_epoch(model, objective, optimizer, scheduler, train_loader, device, seed, epoch, stage.epochs)
-        val_top1 = validation_accuracy(model, val_loader, device, num_classes)
+        if hasattr(plan.train_loader, "set_epoch"):
+            plan.train_loader.set_epoch(epoch, model)
+        train_loss, seconds, seen = run_epoch(plan, scheduler, device, seed, epoch, stage.epochs)
+        val_top1 = validation_accuracy(plan, val_loader, device, num_classes)
         metrics = {
             "train_loss": train_loss,
             "val_acc": val_top1,
             "lr": optimizer.param_groups[0]["lr"],
             "throughput": seen / seconds,
         }
+        for part in hooked.values():
+            metrics.update(part.epoch_metrics() if hasattr(part, "epoch_metrics") else {})
         history.append({"epoch": epoch, **metrics})
         log_metrics(metrics, epoch)
         if stage.select == "last" or val_top1 > best_val:
@@ -157,6 +170,7 @@ def fit(
                 "best_val": best_val,
                 "best_epoch": best_epoch,
                 "history": history,
+                "epoch_state": {name: part.epoch_state() for name, part in hooked.items() if hasattr(part, "epoch_state")},
             },
             last_path,
         )
@@ -170,34 +184,33 @@ def fit(
 
 
 def run_epoch(
-    model: nn.Module,
-    objective: Objective,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    loader: Loader,
-    device: torch.device,
-    seed: int,
-    epoch: int,
-    epochs: int,
+    plan, scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, seed: int, epoch: int, epochs: int
 ) -> tuple[float, float, int]:
     """One training epoch; returns (mean loss, seconds, images seen).
 
-    The finiteness check runs on device without a sync per step; the first non-finite step is
+    Each step hands the update rule a loss function that replays the step's random draws, so a
+    two-pass rule (SAM) sees the same mixup lambda, permutation and views in both passes. The
+    finiteness check runs on device without a sync per step; the first non-finite step is
     reported when the bar refreshes and at the end of the epoch, before any checkpoint is written.
     """
+    model, objective, loader = plan.model, plan.objective, plan.train_loader
     model.train()
     objective.set_epoch(epoch)
+    first_pass = getattr(objective, "perturbation_loss", objective)
     rng = np.random.default_rng([seed, epoch, 1])
     progress = Progress(epoch, epochs, len(loader))
     total = torch.zeros((), device=device)
     first_bad = torch.full((), -1, device=device)
     start, seen = time.perf_counter(), 0
     for step, (images, labels) in enumerate(loader.epoch(epoch, fixed_seed_generator(seed, epoch))):
-        with autocast(device):
-            loss = objective(model, images, labels, rng)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        draws = rng.bit_generator.state
+
+        def loss_fn(perturbation_pass: bool) -> torch.Tensor:
+            rng.bit_generator.state = draws
+            with autocast(device):
+                return (first_pass if perturbation_pass else objective)(model, images, labels, rng)
+
+        loss = plan.update.step(plan.optimizer, loss_fn)
         scheduler.step()
         loss = loss.detach().float()
         bad = ~torch.isfinite(loss) & (first_bad < 0)

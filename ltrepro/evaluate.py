@@ -1,8 +1,8 @@
-"""Test-set metrics and plots as pure functions over numpy arrays (ffn_h2t.md §1.7).
+"""Test-set metrics and plots as pure functions over numpy arrays (docs/methods/README.md#evaluation).
 
 Accuracies and ECE are in percent, as the papers report them; NLL is in nats per image.
 Many/medium/few groups come from training counts with the standard thresholds, not from the
-H2T/MiSLAS index ranges (ffn_h2t.md §1.7 recommends this).
+H2T/MiSLAS index ranges (docs/methods/h2t.md#differences-from-the-released-code, H5).
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def calibration_bins(
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
-    """ECE (%) = sum_b |B_b|/N * |acc_b - conf_b| over max-softmax confidence bins (ffn_h2t.md §1.7)."""
+    """ECE (%) = sum_b |B_b|/N * |acc_b - conf_b| over max-softmax confidence bins (Guo et al., ICML'17)."""
     counts, acc, conf = calibration_bins(confidence, correct, bins)
     filled = counts > 0
     return float(100.0 * np.sum(counts[filled] / counts.sum() * np.abs(acc[filled] - conf[filled])))

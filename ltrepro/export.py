@@ -86,11 +86,18 @@ def export_run(
     """Export the run (directory, ``runs:/ID`` or run id) to ``out``, check it, and register it as a new
     version (alias challenger) of ``registry.name``; returns the figures and the version."""
     from ltrepro.model_registry import log_and_register, onnx_val_top1, registered_name
-    from ltrepro.train import load_run, run_directory, step_tracker
+    from ltrepro.artifacts import run_directory
+    from ltrepro.rebuild import load_run
+    from ltrepro.tracking import step_tracker
 
     root = root.resolve() if root else None
     run_dir = run_directory(run_spec, root or Path.cwd())
     run = load_run(run_dir, root=root)
+    if not run.readout.has_logits:
+        raise LtreproError(
+            f"{run_dir}: {run.info['method']}/{run.info['stage']} has no classifier (it is read out by "
+            f"{type(run.readout).__name__}); export a stage that gives class logits"
+        )
     model = run.model.cpu().eval()
     images, _ = next(iter(make_loader(run.data, "val", PARITY_BATCH, torch.device("cpu"), num_workers=0).epoch()))
     path = (out or run_dir / "model.onnx").resolve()

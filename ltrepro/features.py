@@ -1,10 +1,11 @@
 """Feature operations shared by the methods, as pure functions of tensors (no module state).
 
-* FCC / FSGL feature scaling (fsgl_fcc.md §1.3, §1.7, §2.5): multiply each training sample's
-  feature by a class-dependent factor tau >= 1.
-* H2T channel grafting (ffn_h2t.md §3.3): replace a random, batch-shared subset of channels of the
-  fused sample's features by the fusing sample's.
-* Cosine logits (NormedLinear, ffn_h2t.md §1.3) and FFN's stage-2 fused logits (ffn_h2t.md §2.3).
+* FCC / FSGL feature scaling (Li et al., CVPR'23; docs/methods/fcc.md#scale-factors): multiply each
+  training sample's feature by a class-dependent factor tau >= 1.
+* H2T channel grafting (Li et al., AAAI'24; docs/methods/h2t.md#channel-grafting): replace a random,
+  batch-shared subset of channels of the fused sample's features by the fusing sample's.
+* Cosine logits (NormedLinear, docs/methods/README.md#cosine-classifier) and FFN's stage-2 fused
+  logits (docs/methods/ffn.md#stage-2-fusion).
 
 Callers decide when an operation is active (training only, epoch > start, ...).
 """
@@ -25,15 +26,15 @@ def fcc_factors(
     class_rank: torch.Tensor | Sequence[int] | None = None,
     decimals: int | None = 2,
 ) -> torch.Tensor:
-    """FCC "equal difference compression" table (fsgl_fcc.md §1.3), float32 of shape (C,).
+    """FCC "equal difference compression" table (docs/methods/fcc.md#scale-factors), float32 of shape (C,).
 
         tau_c = round(1 + gamma - k_c * (gamma / C), 2),   k_c = class_rank[c], or c when None
 
     The head (k = 0) gets 1 + gamma, the tail 1 + gamma / C. Rounding is Python ``round`` on float64
     (binary half-even), as the reference: C=100, gamma=0.5 gives tau_1 = round(1.495) = 1.5.
-    ``class_rank=None`` follows the reference, which uses the raw class index (spec FC2: right only when
-    ids are frequency-sorted); pass ``class_ranks(counts)`` otherwise. ``decimals=None`` skips the
-    rounding (spec FC3's exact mode).
+    ``class_rank=None`` follows the reference, which uses the raw class index (FC2 in
+    docs/methods/fcc.md#differences-from-the-released-code: right only when ids are frequency-sorted);
+    pass ``class_ranks(counts)`` otherwise. ``decimals=None`` skips the rounding (FC3's exact mode).
     """
     if gamma < 0:
         raise LtreproError(f"FCC gamma: got {gamma!r}, expected a number >= 0")
@@ -47,7 +48,7 @@ def fcc_factors(
 
 
 def fcc_scale(features: torch.Tensor, labels: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Scale each sample's features by its label's factor (fsgl_fcc.md §1.2, §1.7, §2.5).
+    """Scale each sample's features by its label's factor (docs/methods/fcc.md#with-mixup for soft labels).
 
         f~_i = s_i * f_i,   s_i = tau_{y_i} (hard labels, LongTensor (N,))
                             s_i = sum_j y_ij * tau_j (soft labels (N, C), FSGL's mixed labels)
@@ -77,7 +78,7 @@ def class_ranks(counts: torch.Tensor | Sequence[int]) -> torch.Tensor:
 def graft_channels(
     fused: torch.Tensor, fusing: torch.Tensor, rho: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """H2T fusion (ffn_h2t.md §3.3): F1[:, S] = F2[:, S] with one channel subset S for the whole batch.
+    """H2T fusion (docs/methods/h2t.md#channel-grafting): F1[:, S] = F2[:, S], one channel subset S per batch.
 
         S = first floor(rho * K) entries of one random permutation of the K channels (dim 1)
         out = F1 * (1 - M) + F2 * M,   M = channel mask of S, broadcast over samples and space
@@ -101,7 +102,7 @@ def graft_channels(
 
 
 def cosine_logits(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """NormedLinear logits (ffn_h2t.md §1.3): z_ic = <f_i / ||f_i||, w_c / ||w_c||>, in [-1, 1].
+    """NormedLinear logits (docs/methods/README.md#cosine-classifier): z_ic = <f_i/||f_i||, w_c/||w_c||> in [-1, 1].
 
     ``features`` (N, D), ``weight`` (C, D); no bias and no scale (the loss applies s).
     """
@@ -109,7 +110,7 @@ def cosine_logits(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def ffn_fused_logits(f_kps: torch.Tensor, f_ce: torch.Tensor, weight: torch.Tensor, lam: float) -> torch.Tensor:
-    """FFN stage-2 logits (ffn_h2t.md §2.3): z = lam * cos(W, f_KPS) + (1 - lam) * cos(W, f_CE).
+    """FFN stage-2 logits (docs/methods/ffn.md#stage-2-fusion): z = lam cos(W, f_KPS) + (1 - lam) cos(W, f_CE).
 
     One shared cosine classifier W (C, D) on both frozen branches' pooled features (N, D). Equivalently,
     the dot product of lam * f^_KPS + (1 - lam) * f^_CE (L2-normalised features, not re-normalised after

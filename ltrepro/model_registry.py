@@ -124,7 +124,8 @@ def contender(client, name: str, alias: str | None, version: str | None, root: P
 def validation_data(source_run_id: str, root: Path) -> LTData:
     """The validation split the challenger was selected on: its stage run's data config and seed."""
     from ltrepro.config import load_config
-    from ltrepro.train import download_run, resolve
+    from ltrepro.artifacts import download_run
+    from ltrepro.context import resolve
 
     cfg = resolve(load_config(download_run(f"runs:/{source_run_id}", root) / "config.yaml"))
     return load_data(cfg.data, cfg.seed, root)

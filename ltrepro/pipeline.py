@@ -4,7 +4,7 @@ Every step is an MLflow project run (``mlflow.projects.run(..., env_manager="loc
 under the main run. A step is reused, not run, when a FINISHED run carries the same signature:
 its entry point, what determines its result (the data config for ``prepare``; the stage key, i.e.
 its config block and its inputs' keys, for a stage; the input run for ``evaluate`` / ``export``),
-the git commit and the data hash. So a stage-2 sweep (``-P stage2.lam=0.7``) never retrains stage 1.
+the git commit and the data hash. So a stage-2 sweep (``-P ffn.lam=0.7``) never retrains stage 1.
 Stage 2 receives its stage-1 checkpoints as ``runs:/<run id>`` artifact URIs and tags their ids.
 """
 from __future__ import annotations
@@ -17,7 +17,8 @@ from ltrepro.config import load_config, to_dict
 from ltrepro.data import data_hash, load_data
 from ltrepro.errors import LtreproError
 from ltrepro.tracking import Tracker, git_commit, tracking_uri
-from ltrepro.train import check_losses, get_method, plan_method, resolve
+from ltrepro.context import resolve
+from ltrepro.runner import check_method, plan_method
 
 SIGNATURE_TAG = "ltrepro_signature"
 
@@ -73,8 +74,7 @@ def run_pipeline(config_paths: list[Path] | None, overrides: list[str], root: Pa
     if config_paths and len(config_paths) > 1:
         raise LtreproError("main takes one params file (MLproject parameter config); pass other values as -P key=value")
     cfg = resolve(load_config(config_paths, overrides))
-    method = get_method(cfg.method)
-    check_losses(cfg)
+    method = check_method(cfg)
     config = str(config_paths[0]) if config_paths else "params.yaml"
     commit = git_commit(root)
     parent = Tracker(root, cfg.experiment, f"main-{method.name}-{cfg.data.name}-s{cfg.seed}")

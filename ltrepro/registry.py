@@ -29,6 +29,10 @@ class Registry(Generic[T]):
             raise LtreproError(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())}")
         return self._entries[name]
 
+    def unregister(self, name: str) -> None:
+        """Remove an entry (tests register toy entries and remove them afterwards)."""
+        self._entries.pop(name, None)
+
     def names(self) -> list[str]:
         return sorted(self._entries)
 

@@ -16,7 +16,8 @@ import numpy as np
 from ltrepro.config import load_config
 from ltrepro.errors import LtreproError
 from ltrepro.tracking import tracking_uri
-from ltrepro.train import plan_method, resolve
+from ltrepro.context import resolve
+from ltrepro.runner import plan_method
 
 COLUMNS = ("test_top1", "test_many", "test_medium", "test_few", "test_ece")
 

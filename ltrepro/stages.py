@@ -1,9 +1,10 @@
-"""Stage plans: what one stage trains (model, objective, batches, parameter groups).
+"""Stage plans: what one stage trains (model, objective, batches, optimiser, update rule, readout).
 
 A representation stage trains a whole ``Classifier`` from scratch (stage 1 of every method). A
-classifier stage loads stage-1 checkpoints, freezes their backbones and trains a head (stage 2):
-BN is explicit, ``eval`` (frozen statistics) or ``shift`` (MiSLAS: running statistics follow the
-stage-2 batches, affine parameters frozen). Methods compose these; the engine runs any of them.
+classifier stage rebuilds its input runs (``ltrepro.rebuild.load_input``), freezes their backbones
+and trains a head (stage 2): BN is explicit, ``eval`` (frozen statistics) or ``shift`` (MiSLAS:
+running statistics follow the stage-2 batches, affine parameters frozen). Methods compose these;
+the engine runs any of them.
 """
 from __future__ import annotations
 
@@ -14,8 +15,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ltrepro.checkpoint import load_checkpoint, load_weights
-from ltrepro.config import Config, StageConfig, load_config
+from ltrepro.config import Config, StageConfig
 from ltrepro.data import LTData
 from ltrepro.data.loader import fixed_seed_generator, make_loader
 from ltrepro.errors import LtreproError
@@ -24,16 +24,34 @@ from ltrepro.losses import build_loss
 from ltrepro.models import Classifier, create_model
 from ltrepro.models.heads import LearnableWeightScaling, make_head
 from ltrepro.objectives import FeatureScaling, Objective
+from ltrepro.optim import UpdateRule, build_optimizer, build_update
+from ltrepro.readouts import LogitReadout, Readout
 
 
 @dataclass
 class StagePlan:
-    """Everything ``engine.fit`` needs beyond the stage config."""
+    """Everything ``engine.fit`` needs beyond the stage config.
+
+    The objective and the loader may also implement the engine's epoch hooks (``epoch_metrics``,
+    ``epoch_state`` / ``load_epoch_state``; the loader ``set_epoch(epoch, model)``).
+    """
 
     model: nn.Module
-    objective: Objective
+    objective: Any
     train_loader: Any
-    param_groups: list[dict]
+    optimizer: torch.optim.Optimizer
+    update: UpdateRule
+    readout: Readout
+
+
+def make_plan(
+    stage: StageConfig, model: nn.Module, objective, loader, param_groups: list[dict] | None = None,
+    readout: Readout | None = None,
+) -> StagePlan:  # fmt: skip
+    """A plan whose optimiser and update rule come from ``stage`` (``param_groups``: all of the
+    model's parameters by default); a stage without class logits passes its ``readout``."""
+    groups = param_groups if param_groups is not None else [{"params": list(model.parameters())}]
+    return StagePlan(model, objective, loader, build_optimizer(stage, groups), build_update(stage), readout or LogitReadout())
 
 
 def build_model(cfg: Config, data: LTData, head: str = "linear") -> Classifier:
@@ -77,7 +95,11 @@ def representation_stage(cfg: Config, data: LTData, inputs: dict[str, Path], dev
     stage = cfg.stage1
     model = build_model(cfg, data, stage.head).to(device)
     objective = Objective(stage_loss(stage, data, "stage1"), stage.mixup_alpha, feature_scaling(stage, data))
-    return StagePlan(model, objective, train_loader(cfg, data, stage, device), [{"params": list(model.parameters())}])
+    return make_plan(stage, model, objective, train_loader(cfg, data, stage, device))
+
+
+# What representation_stage reads beyond the plan fields, data, model and seed.
+REPRESENTATION_READS = tuple(f"stage1.{name}" for name in ("loss", "loss_params", "head", "mixup_alpha", "sampler", "fcc", "fcc_start_epoch"))
 
 
 class FrozenBackbone(nn.Module):
@@ -85,7 +107,7 @@ class FrozenBackbone(nn.Module):
 
     ``eval``: BN always uses the stage-1 running statistics. ``shift``: in training the running
     statistics are updated from the stage-2 batches (momentum 0.1) while the affine parameters stay
-    frozen (MiSLAS "shift learning on BN", ffn_h2t.md §3.3); evaluation uses them. ``batch``: BN in
+    frozen (MiSLAS "shift learning on BN", Zhong et al., CVPR'21, §3.3); evaluation uses them. ``batch``: BN in
     train mode always, test included: FFN's reference bug F1, offered only to reproduce it.
     """
 
@@ -103,15 +125,6 @@ class FrozenBackbone(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.backbone(images)
-
-
-def load_stage_model(run_dir: Path, data: LTData) -> Classifier:
-    """Rebuild a finished stage-1 run's model from its saved config and load its selected weights."""
-    cfg = load_config(run_dir / "config.yaml")
-    model = build_model(cfg, data, cfg.stage1.head)
-    path = run_dir / "best.pt"
-    load_weights(model, load_checkpoint(path)["model"], path)
-    return model
 
 
 def probe_model(stage1: Classifier, cfg: Config, data: LTData, lws: bool = False) -> Classifier:
@@ -135,7 +148,7 @@ def head_param_groups(model: Classifier, lr: float, head_lr_factor: float = 1.0)
 
 
 class PairedLoader:
-    """H2T dual sampling (ffn_h2t.md §3.3): batches of ((fused, fusing), fused labels).
+    """H2T dual sampling (docs/methods/h2t.md): batches of ((fused, fusing), fused labels).
 
     The fused stream is class-balanced, the fusing stream instance-sampled; both are augmented
     independently and drawn from generators derived from the epoch's, so runs stay reproducible.

@@ -95,3 +95,15 @@ class Tracker:
 
     def ui_command(self) -> str:
         return ui_command(self.root)
+
+
+def step_tracker(run, root: Path | None, step: str, device: torch.device) -> Tracker:
+    """The MLflow run of a step on a finished stage run (``run``: a ``rebuild.LoadedRun``; evaluate,
+    export), tagged like a stage run (commit, data hash, device) plus the step and the stage run it read."""
+    from ltrepro.data import data_hash
+
+    info, project = run.info, root or Path(run.info["project_root"])
+    tracker = Tracker(project, run.cfg.experiment, f"{step}-{info['method']}-{run.data.name}-{info['mlflow_run_id'][:8]}")
+    tags = run_tags(project, data_hash(run.data), device) | {"method": info["method"], "stage": step}
+    tracker.set_tags(tags | {f"input.{info['stage']}.run_id": info["mlflow_run_id"]})
+    return tracker

@@ -30,7 +30,8 @@ from ltrepro.config import Config, flatten, load_config, unflatten, with_overrid
 from ltrepro.errors import LtreproError, RunStopped
 from ltrepro.methods import Method, Tunable
 from ltrepro.tracking import Tracker, tracking_uri
-from ltrepro.train import get_method, plan_method, resolve, run_method
+from ltrepro.context import get_method, resolve
+from ltrepro.runner import plan_method, run_method
 
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 MAX_FAILURES_IN_A_ROW = 3  # a crashed trial does not end the study; three in a row mean a real bug

@@ -1,4 +1,6 @@
-"""CIFAR-10-LT and CIFAR-100-LT from the official "python version" pickles (spec ffn_h2t.md §1.1-1.2).
+"""CIFAR-10-LT and CIFAR-100-LT from the official "python version" pickles.
+
+Profile and draw: docs/methods/README.md#long-tailed-cifar; augmentation: docs/methods/README.md#augmentation.
 
 The files are the extracted archives from https://www.cs.toronto.edu/~kriz/cifar.html under
 ``<root>/cifar-10-batches-py/`` and ``<root>/cifar-100-python/``. The LT subset is drawn from the

@@ -2,10 +2,10 @@
 
 In-memory datasets (CIFAR, Fashion-MNIST) live on the training device as one uint8 tensor and
 are augmented there batch-wise: random crop after zero padding, horizontal flip, optional
-cutout, normalisation (spec ffn_h2t.md §1.2). Every random number of an epoch is drawn up front
-from the epoch's seeded CPU generator and moved once, so there is no per-sample Python and a
-resumed run sees exactly the batches of an uninterrupted one. Datasets on disk use a DataLoader
-with workers and torchvision transforms.
+cutout, normalisation (docs/methods/README.md#augmentation). Every random number of an epoch is
+drawn up front from the epoch's seeded CPU generator and moved once, so there is no per-sample
+Python and a resumed run sees exactly the batches of an uninterrupted one. Datasets on disk use a
+DataLoader with workers and torchvision transforms.
 """
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
 
 class FileLoader:
-    """A torchvision DataLoader with the ImageNet recipe (spec §1.2) and the shared samplers."""
+    """A torchvision DataLoader with the ImageNet recipe (docs/methods/README.md#augmentation), shared samplers."""
 
     def __init__(
         self,
@@ -194,10 +194,12 @@ def make_loader(
     sampler: str = "instance",
     total_epochs: int = 1,
     num_workers: int = 2,
+    in_order: bool = False,
 ) -> DeviceLoader | FileLoader:
-    """The loader for ``split`` ("train", "val" or "test"): augmented and sampled only for train."""
+    """The loader for ``split`` ("train", "val" or "test"): augmented and sampled only for train,
+    unless ``in_order`` (the training images read like an evaluation split, as a readout needs)."""
     part = getattr(data, split)
-    train = split == "train"
+    train = split == "train" and not in_order
     if part.in_memory:
         return DeviceLoader(part, batch_size, device, data.mean, data.std, augment if train else None, sampler, total_epochs)
     return FileLoader(part, batch_size, device, data.mean, data.std, data.image_size, train, num_workers, sampler, total_epochs)

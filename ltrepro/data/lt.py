@@ -1,6 +1,7 @@
 """Long-tailed subsets of a balanced pool, and the validation split that never touches test.
 
-The profile and the subset draw follow the LDAM-DRW lineage (spec ffn_h2t.md §1.1): class c keeps
+The profile and the subset draw follow the LDAM-DRW lineage (Cao et al., NeurIPS'19, and its code's
+``imbalance_cifar.py``; docs/methods/README.md#long-tailed-cifar): class c keeps
 ``int(n_max * (1/IF) ** (c / (C - 1)))`` images, and the kept images are chosen by shuffling each
 class's indices, in label order, with one ``numpy.random.RandomState(seed)``. With the same seed
 and no reserved validation images this reproduces the reference code's subset exactly.

@@ -108,13 +108,16 @@ class OffsetCrossEntropy(LossModule):
 
 @LOSSES.register("ce")
 def ce(class_counts: Sequence[int]) -> LossModule:
-    """Plain cross-entropy, no class weights (every ffn_h2t.md CE config)."""
+    """Plain cross-entropy, no class weights, as every reference CE config (docs/methods/losses.md#ce)."""
     return CrossEntropy()
 
 
 @LOSSES.register("focal")
 def focal(class_counts: Sequence[int], *, gamma: float = 1.0) -> LossModule:
-    """Focal loss with detached p_y; gamma = 1 as FFN's ``--loss_type Focal`` (spec §1.6, §2.5)."""
+    """Focal loss with p_y detached as in FFN's code only; gamma = 1 as FFN's ``--loss_type Focal``.
+
+    Lin et al., ICCV'17, Eq. 4; the paper and the LDAM-DRW code do not detach p_y (docs/methods/losses.md#focal).
+    """
     return Focal(gamma)
 
 
@@ -127,10 +130,10 @@ def ldam(
     drw_epoch: int | None = None,
     beta: float = 0.9999,
 ) -> LossModule:
-    """LDAM (s = 30, max_m = 0.5: FFN stage 2, spec §2.3); DRW is off unless ``drw_epoch`` is set.
+    """LDAM (Cao et al., NeurIPS'19, Eq. 13; s = 30, max_m = 0.5: FFN stage 2); DRW off unless ``drw_epoch`` is set.
 
     LDAM-DRW as in FFN's ``--train_rule DRW`` is ``drw_epoch=160`` (epochs >= 160, 0-based) with
-    beta = 0.9999; before that epoch all class weights are 1 (spec §1.6).
+    beta = 0.9999; before that epoch all class weights are 1 (docs/methods/losses.md#drw).
     """
     counts = LF.as_counts(class_counts)
     return LDAM(LF.ldam_margins(counts, max_m), s, LF.effective_number_weights(counts, beta), drw_epoch)
@@ -145,7 +148,7 @@ def kps(
     ga_epoch: int | None = 120,
     ga_max: float = 50.0,
 ) -> LossModule:
-    """KPS, FFN stage 1 (spec §1.6): s = 15, GA from epoch 120 (0-based) with scales clamped to [s, 50].
+    """KPS, FFN stage 1 (docs/methods/losses.md#kps): s = 15, GA from epoch 120 (0-based), scales in [s, 50].
 
     max_m = 0.5 is FFN's CIFAR-100 value (0.2 CIFAR-10, 0.35 ImageNet-LT).
     """
@@ -158,7 +161,7 @@ def kps(
 
 @LOSSES.register("las")
 def las(class_counts: Sequence[int], *, smooth_head: float = 0.4, smooth_tail: float = 0.1) -> LossModule:
-    """MiSLAS label-aware smoothing; 0.4 / 0.1 is MiSLAS's CIFAR-100-LT IF 100 config (spec §3.4).
+    """MiSLAS label-aware smoothing (docs/methods/losses.md#las); 0.4 / 0.1: MiSLAS's CIFAR-100-LT IF 100 config.
 
     MiSLAS uses 0.3 / 0.0 for CIFAR-10-LT IF 100, CIFAR-100-LT IF 50, ImageNet-LT and iNat 2018.
     """

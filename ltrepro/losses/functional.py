@@ -1,8 +1,9 @@
 """Long-tailed loss math as pure functions of tensors; ``ltrepro.losses`` wraps them in modules.
 
-Notation (spec ffn_h2t.md §1.6): z = logits (N, C), y = labels (N,), n_c = training images of
+Notation (docs/methods/losses.md): z = logits (N, C), y = labels (N,), n_c = training images of
 class c, C = number of classes. Nothing assumes classes sorted by frequency: where a method
-pairs the head with the tail (KPS), the pairing comes from frequency ranks (spec §2.6 F5).
+pairs the head with the tail (KPS), the pairing comes from frequency ranks (L1 in
+docs/methods/losses.md#differences-from-the-released-code; FFN's bug F5).
 Per-class tables are computed in float64 from the counts; losses are computed in float32
 whatever the logits' dtype, so bfloat16 autocast outputs lose nothing in the log-softmax, and
 the tables are moved to the logits' device (a no-op once the module is on that device).
@@ -31,10 +32,11 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tens
 
 
 def focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Focal loss, Lin et al. 2017 ("Focal Loss for Dense Object Detection"), without the alpha balancing.
+    """Focal loss, Lin et al., ICCV'17 ("Focal Loss for Dense Object Detection"), Eq. 4: no alpha balancing.
 
-    FL_i = (1 - p_{y_i})^gamma * (-log p_{y_i}). As in the FFN/LDAM-DRW code, p_y is detached,
-    so the factor only re-weights the CE gradient and is not differentiated itself.
+    FL_i = (1 - p_{y_i})^gamma * (-log p_{y_i}). As in FFN's code, p_y is detached, so the factor only
+    re-weights the CE gradient and is not differentiated itself. Only FFN's code does this: the paper
+    and the LDAM-DRW code differentiate through p_y (L3, docs/methods/losses.md#focal).
     """
     nll = F.cross_entropy(logits.float(), labels, reduction="none")
     p_target = torch.exp(-nll).detach()
@@ -55,8 +57,8 @@ def effective_number_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:
 def ldam_margins(counts: torch.Tensor, max_m: float) -> torch.Tensor:
     """LDAM margins m_c = max_m * n_c^(-1/4) / max_j n_j^(-1/4): the rarest class gets max_m.
 
-    Cao et al. 2019 ("Learning Imbalanced Datasets with Label-Distribution-Aware Margin Loss"):
-    m_c = K / n_c^{1/4}, with K chosen (as in their code) so that the largest margin is max_m.
+    Cao et al., NeurIPS'19 ("Learning Imbalanced Datasets with Label-Distribution-Aware Margin Loss"),
+    Eq. 13: m_c = K / n_c^{1/4}, with K chosen (as in their code) so that the largest margin is max_m.
     """
     inverse_fourth_root = counts ** (-0.25)
     return max_m * inverse_fourth_root / inverse_fourth_root.max()
@@ -79,7 +81,7 @@ def kps_sensitivity(counts: torch.Tensor) -> torch.Tensor:
     """KPS class sensitivities s_j = ln(50 n_j / n_min) / ln(50), so s_j >= 1 and the rarest class has 1.
 
     Li, Cheung, Hu 2023 ("Key Point Sensitive Loss for Long-tailed Visual Recognition", TPAMI
-    45(4)); spec ffn_h2t.md §1.6 step 1. CIFAR-100 IF 100: the head class gets 2.18.
+    45(4)); docs/methods/losses.md#kps. CIFAR-100 IF 100: the head class gets 2.18.
     """
     return torch.log(KPS_BASE * counts / counts.min()) / math.log(KPS_BASE)
 
@@ -88,7 +90,7 @@ def frequency_mirror(counts: torch.Tensor) -> torch.Tensor:
     """mirror[j] = the class whose frequency rank is C-1-rank(j) (rank 0 = most images).
 
     Ranks sort by count, descending, ties broken by class index (stable). The reference code
-    flips the class-index vector instead, which is right only for frequency-sorted ids (spec F5).
+    flips the class-index vector instead, which is right only for frequency-sorted ids (L1 / FFN's F5).
     """
     order = torch.argsort(-counts, stable=True)
     mirror = torch.empty_like(order)
@@ -97,13 +99,16 @@ def frequency_mirror(counts: torch.Tensor) -> torch.Tensor:
 
 
 def kps_margins(counts: torch.Tensor, max_m: float) -> torch.Tensor:
-    """KPS margins m_j = max_m * s_{mirror(j)} / max_k s_k: tail classes get the head's large s (spec §1.6 step 2)."""
+    """KPS margins m_j = max_m * s_{mirror(j)} / max_k s_k: the tail gets the head's large s.
+
+    Li, Cheung, Hu, TPAMI'23; docs/methods/losses.md#kps.
+    """
     sensitivity = kps_sensitivity(counts)
     return max_m * sensitivity[frequency_mirror(counts)] / sensitivity.max()
 
 
 def kps_ga_scales(counts: torch.Tensor, s: float, ga_max: float) -> torch.Tensor:
-    """Per-class "gradient adjustment" scales clamp(s * s_{mirror(c)}, s, ga_max) (spec §1.6 step 4).
+    """Per-class "gradient adjustment" scales clamp(s * s_{mirror(c)}, s, ga_max) (docs/methods/losses.md#kps).
 
     A sample of class y uses entry y once GA is on: s for the head class, up to ga_max for the tail.
     """
@@ -117,7 +122,7 @@ def kps_loss(
     margins: torch.Tensor,
     scale: torch.Tensor | float,
 ) -> torch.Tensor:
-    """KPS loss on cosine logits: CE(scale_i * (s ⊙ cos_i - m_y e_y), y) (spec §1.6 steps 3-5).
+    """KPS loss on cosine logits: CE(scale_i * (s ⊙ cos_i - m_y e_y), y) (docs/methods/losses.md#kps).
 
     ``scale`` is the global s (a float) or a per-sample vector (N,) of GA scales.
     """
@@ -130,7 +135,7 @@ def kps_loss(
 def las_smoothing(counts: torch.Tensor, head: float, tail: float) -> torch.Tensor:
     """MiSLAS "concave" label-aware smoothing eps_c = eps_K + (eps_1 - eps_K) sin(pi (n_c - n_K) / (2 (n_1 - n_K))).
 
-    Zhong et al. 2021 ("Improving Calibration for Long-Tailed Recognition"): eps_1 = head
+    Zhong et al., CVPR'21 ("Improving Calibration for Long-Tailed Recognition"): eps_1 = head
     for the largest class n_1, eps_K = tail for the smallest n_K. Equal counts give head for every
     class (the formula is 0/0 there).
     """
@@ -145,7 +150,7 @@ def las_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: torch.Tensor
 
     The mean over j includes the ground truth, as the MiSLAS code does; the paper spreads eps_y
     over the other C-1 classes only. The author confirms the code's GT weight 1 - eps + eps/C
-    (MiSLAS issue #4); both agree up to O(eps/C).
+    (MiSLAS issue #4); both agree up to O(eps/C). L2 in docs/methods/losses.md#differences-from-the-released-code.
     """
     log_probs = F.log_softmax(logits.float(), dim=1)
     eps = smoothing.to(device=log_probs.device, dtype=log_probs.dtype)[labels]
@@ -157,7 +162,7 @@ def las_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: torch.Tensor
 def logit_adjustment(counts: torch.Tensor, tau: float) -> torch.Tensor:
     """Offsets tau * log pi_c with the training prior pi_c = n_c / sum_j n_j.
 
-    Menon et al. 2021 ("Long-Tail Learning via Logit Adjustment"): CE(z + tau log pi, y).
+    Menon et al., ICLR'21 ("Long-Tail Learning via Logit Adjustment"): CE(z + tau log pi, y).
     """
     return tau * torch.log(counts / counts.sum())
 

@@ -1,15 +1,17 @@
-"""Methods by name: each a small graph of stages with named inputs and tunable parameters.
+"""Methods by name: each a small graph of stages with named inputs, declared reads and tunables.
 
-A method is declared once, here or in a module of this package: its stages (a representation
-stage trains a network; a classifier stage loads earlier stages' checkpoints), which config block
-drives each, and the parameters Optuna may tune with their search ranges. The stage runner
-(``ltrepro.runner``) executes any registered method and reuses a finished stage of the same config.
+A method is declared once, in a module of its own: its stages (each built by a stage builder from
+the config block that drives it and the finished runs it takes as inputs), the config values each
+stage reads, its own config blocks (``ltrepro.config.register_block``) and the parameters Optuna
+may tune. The runner (``ltrepro.runner``) executes any registered method, keys every stage by what
+it reads (``ltrepro.stage_keys``) and reuses a finished stage of the same key. Adding a method is
+adding a module here (or anywhere that is imported) that calls ``register``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 
@@ -25,15 +27,20 @@ StageBuilder = Callable[[Config, LTData, dict[str, Path], torch.device], StagePl
 class Stage:
     """One training stage of a method.
 
-    ``section`` is the config block that drives it (its epochs, lr, sampler, loss ...);
+    ``section`` is the config block that drives it (its epochs, optimiser, schedule: the plan
+    fields every stage reads); ``reads`` names every other value its builder reads, as dotted keys
+    (``stage2.loss``, ``ffn.lam``) or whole blocks (``h2t``): these and the section's plan fields,
+    with data, model, seed, the builder's identity and the inputs' keys, make the stage key. The
+    builder sees only those values, so an undeclared read fails instead of escaping the key.
     ``overrides`` gives stage-specific values on top (FFN's KPS branch); ``inputs`` names earlier
     stages whose selected checkpoints ``build`` receives.
     """
 
     name: str
-    section: Literal["stage1", "stage2"]
+    section: str
     build: StageBuilder
     inputs: tuple[str, ...] = ()
+    reads: tuple[str, ...] = ()
     overrides: Callable[[Config], dict] = lambda cfg: {}
 
 
@@ -58,15 +65,34 @@ class Method:
         return {
             "name": self.name,
             "summary": self.summary,
-            "stages": [{"name": s.name, "config": s.section, "inputs": list(s.inputs)} for s in self.stages],
+            "stages": [
+                {"name": s.name, "config": s.section, "inputs": list(s.inputs), "reads": list(s.reads)} for s in self.stages
+            ],
             "tunables": [{"key": t.key, "low": t.low, "high": t.high, "log": t.log} for t in self.tunables],
         }
+
+    def stage(self, name: str) -> Stage:
+        from ltrepro.errors import LtreproError
+
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise LtreproError(f"method {self.name!r} has no stage {name!r}; its stages: {[s.name for s in self.stages]}")
+
+    def depth(self, stage: Stage) -> int:
+        """1 for a stage without inputs, else one more than its deepest input (dvc.yaml's slots)."""
+        return 1 + max((self.depth(self.stage(name)) for name in stage.inputs), default=0)
 
 
 METHODS: Registry[Method] = Registry("method")
 
 
 def register(method: Method) -> Method:
+    names = [stage.name for stage in method.stages]
+    for stage in method.stages:
+        missing = [name for name in stage.inputs if name not in names[: names.index(stage.name)]]
+        if missing:
+            raise ValueError(f"method {method.name}: stage {stage.name} takes {missing}, not an earlier stage")
     return METHODS.register(method.name)(method)
 
 

@@ -1,4 +1,4 @@
-"""FFN, Feature Fusion Network (ffn_h2t.md §2).
+"""FFN, Feature Fusion Network (docs/methods/ffn.md).
 
 Stage 1 trains two identical backbones on the same LT subset: one with CE and a linear head, one
 with KPS and a cosine head. Stage 2 freezes both (BN in eval mode; the reference's train-mode CE
@@ -8,19 +8,34 @@ the LDAM loss and class-balanced sampling. At test time the fused model runs bot
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from ltrepro.config import Config
+from ltrepro.config import Config, bounded, register_block
 from ltrepro.data import LTData
 from ltrepro.features import ffn_fused_logits
 from ltrepro.methods import Method, Stage, Tunable, register
 from ltrepro.methods.baselines import STAGE1
 from ltrepro.models.heads import CosineClassifier
 from ltrepro.objectives import FusionObjective
-from ltrepro.stages import FrozenBackbone, StagePlan, load_stage_model, stage_loss, train_loader
+from ltrepro.rebuild import load_input
+from ltrepro.stages import REPRESENTATION_READS, FrozenBackbone, StagePlan, make_plan, stage_loss, train_loader
+
+
+@dataclass
+class FFNConfig:
+    """FFN's own block: the KPS branch's loss parameters, the fusion weight, the bug-F1 switch."""
+
+    kps_params: dict[str, Any] = field(default_factory=lambda: {"max_m": 0.5, "s": 15, "ga_epoch": 36})
+    lam: float = bounded(0.5, 0.0, 1.0)  # z = lam cos(W, f_kps) + (1 - lam) cos(W, f_ce)
+    reference_bn_bug: bool = False  # bug F1: the CE backbone's BN left in train mode (off = the fix)
+
+
+register_block("ffn", FFNConfig)
 
 
 class FusedClassifier(nn.Module):
@@ -42,21 +57,21 @@ class FusedClassifier(nn.Module):
 
 def fusion_stage(cfg: Config, data: LTData, inputs: dict[str, Path], device: torch.device) -> StagePlan:
     stage = cfg.stage2
-    kps, ce = load_stage_model(inputs["stage1_kps"], data), load_stage_model(inputs["stage1_ce"], data)
-    if not isinstance(kps.head, CosineClassifier):
+    kps, ce = load_input(inputs["stage1_kps"], data, device), load_input(inputs["stage1_ce"], data, device)
+    if not isinstance(getattr(kps, "head", None), CosineClassifier):
         raise ValueError("FFN's KPS branch must have a cosine head")
     head = CosineClassifier(kps.feature_dim, data.num_classes)
-    head.weight.data.copy_(kps.head.weight.data)  # initialised from the KPS stage-1 classifier (§2.3)
+    head.weight.data.copy_(kps.head.weight.data)  # initialised from the KPS stage-1 classifier (docs/methods/ffn.md)
     loss = stage_loss(stage, data, "stage2")
     model = FusedClassifier(
         FrozenBackbone(kps.backbone, "eval"),
         FrozenBackbone(ce.backbone, "batch" if cfg.ffn.reference_bn_bug else "eval"),
         head,
-        stage.lam,
+        cfg.ffn.lam,
         float(getattr(loss, "s", 1.0)),
     ).to(device)
     groups = [{"params": list(model.head.parameters())}]
-    return StagePlan(model, FusionObjective(loss), train_loader(cfg, data, stage, device), groups)
+    return make_plan(stage, model, FusionObjective(loss), train_loader(cfg, data, stage, device), groups)
 
 
 def kps_branch(cfg: Config) -> dict:
@@ -68,10 +83,13 @@ register(
         "ffn",
         "Feature Fusion Network: CE and KPS backbones, fused cosine classifier trained with LDAM",
         (
-            Stage("stage1_ce", "stage1", STAGE1.build),
-            Stage("stage1_kps", "stage1", STAGE1.build, overrides=kps_branch),
-            Stage("stage2", "stage2", fusion_stage, inputs=("stage1_ce", "stage1_kps")),
+            Stage("stage1_ce", "stage1", STAGE1.build, reads=REPRESENTATION_READS),
+            Stage("stage1_kps", "stage1", STAGE1.build, reads=(*REPRESENTATION_READS, "ffn.kps_params"), overrides=kps_branch),
+            Stage(
+                "stage2", "stage2", fusion_stage, inputs=("stage1_ce", "stage1_kps"),
+                reads=("stage2.loss", "stage2.loss_params", "stage2.sampler", "ffn.lam", "ffn.reference_bn_bug"),
+            ),  # fmt: skip
         ),
-        (Tunable("stage2.lam", 0.0, 1.0),),
+        (Tunable("ffn.lam", 0.0, 1.0),),
     )
 )

@@ -13,7 +13,7 @@ HeadKind = Literal["linear", "cosine"]
 
 
 class CosineClassifier(nn.Module):
-    """NormedLinear (ffn_h2t.md §1.3): z_ic = <f_i / ||f_i||, w_c / ||w_c||> in [-1, 1], no bias, no scale.
+    """NormedLinear (docs/methods/README.md#cosine-classifier): z_ic = <f_i/||f_i||, w_c/||w_c||>, no bias or scale.
 
     ``weight`` is stored (C, D) like ``nn.Linear``; the reference stores it (D, C), so load a reference
     ``linear.weight`` with ``from_reference_weight``. Init: uniform(-1, 1), then each class vector
@@ -44,7 +44,7 @@ class CosineClassifier(nn.Module):
 
 
 class LearnableWeightScaling(nn.Module):
-    """MiSLAS LWS (ffn_h2t.md §1.6): z = g * head(f), with a learnable g in R^C initialised to 1.
+    """MiSLAS LWS (docs/methods/mislas.md#learnable-weight-scaling): z = g * head(f), learnable g in R^C, init 1.
 
     ``head`` and ``scales`` are separate attributes so an optimiser can give them separate param groups.
     """

@@ -8,9 +8,10 @@ from torch import nn
 class Classifier(nn.Module):
     """``head(GAP(backbone(x)))`` with each stage reachable on its own.
 
-    The head is a separate attribute so cosine heads (NormedLinear, ffn_h2t.md §1.3) can replace it,
-    and ``feature_map`` exposes the un-pooled last-stage map that H2T grafts on (ffn_h2t.md §1.3,
-    ``resnet32_fe``) and that FCC scales (fsgl_fcc.md §1.2).
+    The head is a separate attribute so cosine heads (NormedLinear, docs/methods/README.md#cosine-classifier)
+    can replace it, and ``feature_map`` exposes the un-pooled last-stage map that H2T grafts on (H2T's
+    ``resnet32_fe``; docs/methods/h2t.md#channel-grafting) and that FCC scales in its reference code
+    (docs/methods/fcc.md#where-it-acts).
     """
 
     def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int) -> None:

@@ -19,7 +19,7 @@ Shortcut = Literal["A", "B"]
 
 
 class ZeroPadShortcut(nn.Module):
-    """Option-A shortcut (ffn_h2t.md §1.3): subsample spatially, zero-pad channels; no parameters."""
+    """Option-A shortcut (He et al., CVPR'16, Sec. 3.3): subsample spatially, zero-pad channels; no parameters."""
 
     def __init__(self, stride: int, extra_channels: int) -> None:
         super().__init__()
@@ -35,7 +35,7 @@ class BasicBlock(nn.Module):
     """conv3x3-BN-ReLU-conv3x3-BN, plus shortcut, then ReLU.
 
     Where the shape changes the shortcut is option A (parameter-free, ResNet-32) or option B
-    (1x1 conv + BN projection, the FSGL ResNet-34, fsgl_fcc.md §2.4).
+    (1x1 conv + BN projection, the FSGL ResNet-34; docs/methods/README.md#backbones).
     """
 
     def __init__(self, in_planes: int, planes: int, stride: int, shortcut: Shortcut) -> None:
@@ -82,7 +82,7 @@ def cifar_resnet_trunk(
 
 @MODELS.register("resnet32")
 def resnet32(num_classes: int, in_channels: int) -> Classifier:
-    """LDAM-DRW ResNet-32 (ffn_h2t.md §1.3): 3 x 5 blocks, 16/32/64, option A, 64-d feature, ~0.46 M.
+    """LDAM-DRW ResNet-32 (docs/methods/README.md#backbones): 3 x 5 blocks, 16/32/64, option A, 64-d, ~0.46 M.
 
     kaiming_normal_ (fan_in) on every conv and linear weight, as the reference ``_weights_init``;
     BN and the linear bias keep PyTorch defaults.
@@ -96,7 +96,8 @@ def resnet32(num_classes: int, in_channels: int) -> Classifier:
 
 @MODELS.register("resnet34_cifar")
 def resnet34_cifar(num_classes: int, in_channels: int) -> Classifier:
-    """FSGL's CIFAR ResNet-34 (fsgl_fcc.md §2.4): [3,4,6,3] blocks, 64..512, projection shortcuts.
+    """FSGL's CIFAR ResNet-34 (FSGL ``model/ResNet_cifar.py``; docs/methods/README.md#backbones): [3,4,6,3]
+    blocks, 64..512, projection shortcuts.
 
     PyTorch default init, as the reference; the backbone has 21,276,992 parameters.
     """

@@ -1,7 +1,8 @@
-"""ImageNet-scale backbones from torchvision, built from scratch (``weights=None``, ffn_h2t.md §1.3).
+"""ImageNet-scale backbones from torchvision, built from scratch (``weights=None``).
 
-torchvision's own init is the one the specs ask for: conv kaiming_normal (fan_out, relu), BN 1/0,
-no zero-init of the last residual BN (ffn_h2t.md §1.3 for ResNet-50, fsgl_fcc.md §2.4 for ResNeXt-50).
+torchvision's own init is the one the reference codes use: conv kaiming_normal (fan_out, relu), BN 1/0,
+no zero-init of the last residual BN (FFN/H2T/MiSLAS for ResNet-50, FSGL for ResNeXt-50;
+docs/methods/README.md#backbones).
 """
 from __future__ import annotations
 
