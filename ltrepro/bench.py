@@ -25,6 +25,9 @@ from ltrepro.engine import run_epoch
 from ltrepro.losses import build_loss
 from ltrepro.objectives import Objective
 from ltrepro.models import Classifier
+from ltrepro.optim import PlainUpdate
+from ltrepro.readouts import LogitReadout
+from ltrepro.stages import StagePlan
 
 
 class TorchvisionTensorLoader:
@@ -63,10 +66,10 @@ def time_epochs(model: Classifier, loader, device: torch.device, epochs: int) ->
     """Images per second over ``epochs`` training epochs, after one warm-up epoch."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    objective = Objective(build_loss("ce", [1]))
+    plan = StagePlan(model, Objective(build_loss("ce", [1])), loader, optimizer, PlainUpdate(), LogitReadout())
     seen, seconds = 0, 0.0
     for epoch in range(epochs + 1):
-        _, took, count = run_epoch(model, objective, optimizer, scheduler, loader, device, 0, epoch, epochs + 1)
+        _, took, count = run_epoch(plan, scheduler, device, 0, epoch, epochs + 1)
         if epoch:
             seen, seconds = seen + count, seconds + took
     return seen / seconds

@@ -81,11 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     stage = commands.add_parser(
         "stage",
         help="train one stage of cfg.method (how dvc.yaml and the MLproject entry points run stages)",
-        description="STAGE is a stage name of the method (`ltrepro methods`) or a slot: stage1:N is the method's "
-        "N-th stage-1 network; a method with fewer writes a run.json marked UNUSED, so one dvc.yaml serves every "
-        "method. Inputs not given are the finished runs of the same config under out_dir.",
+        description="STAGE is a stage name of the method (`ltrepro methods`) or a slot: stageL:N is the method's "
+        "N-th stage at depth L (stage1:N: the N-th stage without inputs; stage2:1: the first stage whose deepest input "
+        "is at depth 1). A method with fewer writes a run.json marked UNUSED, so one dvc.yaml serves every method. "
+        "Inputs not given are the finished runs of the same config under out_dir.",
     )
-    stage.add_argument("stage", metavar="STAGE", help="stage name (stage1_kps, stage2, ...) or slot stage1:N")
+    stage.add_argument("stage", metavar="STAGE", help="stage name (stage1_kps, stage2, ...) or slot stageL:N")
     add_config_arguments(stage)
     stage.add_argument("--input", action="append", default=[], metavar="NAME=RUN", help="an input stage: a run "
                        "directory or an MLflow URI (runs:/RUN_ID); repeat, or separate with commas")  # fmt: skip
@@ -117,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser(
         "export", help="export a finished stage run's model to one ONNX file, checked against PyTorch with ONNX Runtime"
     )
-    export.add_argument("run", nargs="?", help="a finished stage run: its directory, MLflow run id or runs:/RUN_ID")
+    export.add_argument("run", nargs="*", help="a finished stage run: its directory, MLflow run id or runs:/RUN_ID; "
+                        "given several (dvc.yaml's slots), the one that is its method's final stage")  # fmt: skip
     export.add_argument("--study", help="export the final model of this Optuna study's best trial instead")
     export.add_argument("--config", type=Path, action="append", help="params file: tune.storage for --study, registry.*")
     export.set_defaults(overrides=[])  # key=value overrides, e.g. registry.name=NAME
@@ -126,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--root", type=Path, help="project root for data and inputs (default: the run's own)")
     export.add_argument("--atol", type=float, default=1e-3, help="max |ORT - PyTorch| logit difference, relative "
                         "to max(1, max |logit|) (default 1e-3)")  # fmt: skip
+
+    rekey = commands.add_parser(
+        "rekey", help="give finished runs keyed by an older ltrepro today's stage keys, from their saved configs"
+    )
+    add_config_arguments(rekey)
+    rekey.add_argument("--dry-run", action="store_true", help="only list the runs whose key would change")
 
     methods = commands.add_parser("methods", help="list the registered methods, their stages and tunables")
     methods.add_argument("--json", action="store_true", help="machine-readable output")
@@ -137,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--version", help="the version to consider (default: the one with alias challenger)")
 
     evaluate = commands.add_parser("evaluate", help="evaluate a finished run's checkpoint on the test set")
-    evaluate.add_argument("run", help="run directory (holds config.yaml and best.pt) or MLflow URI runs:/RUN_ID")
+    evaluate.add_argument("run", nargs="+", help="run directory (holds config.yaml and best.pt) or MLflow URI "
+                          "runs:/RUN_ID; given several (dvc.yaml's slots), the one that is its method's final stage")  # fmt: skip
     evaluate.add_argument("--checkpoint", default="best.pt", help="file in the run directory (default best.pt)")
     evaluate.add_argument("--out", type=Path, help="write the metrics JSON here (default RUN_DIR/evaluation.json)")
     evaluate.add_argument("--plots-dir", type=Path, help="also write per_class.csv and confusion.csv here (dvc plots)")
@@ -219,8 +228,9 @@ def command_stage(args: argparse.Namespace) -> None:
     method = get_method(cfg.method)
     stage = select_stage(method, args.stage)
     if stage is None:  # an empty slot: a marker, so DVC has its outs
+        depths = [method.depth(s) for s in method.stages]
         marker = {"status": "UNUSED", "method": method.name, "slot": args.stage,
-                  "reason": f"{method.name} trains {sum(not s.inputs for s in method.stages)} stage-1 network(s)"}  # fmt: skip
+                  "reason": f"{method.name}'s stages sit at depths {depths}"}  # fmt: skip
         target = args.run_dir or Path(cfg.out_dir) / f"unused-{method.name}-{args.stage.replace(':', '-')}"
         target.mkdir(parents=True, exist_ok=True)
         (target / "run.json").write_text(json.dumps(marker, indent=2) + "\n")
@@ -269,7 +279,10 @@ def command_export(args: argparse.Namespace) -> None:
     from ltrepro.config import load_config
     from ltrepro.export import export_run
 
-    args.run, args.study = args.run or None, args.study or None  # MLproject passes "" for "not given"
+    from ltrepro.runs import final_run
+
+    runs = [run for run in args.run if run]  # MLproject passes "" for "not given"
+    args.run, args.study = final_run(runs) if runs else None, args.study or None
     if (args.run is None) == (args.study is None):
         raise LtreproError("export: give a run (directory or runs:/RUN_ID) or --study NAME, not both")
     cfg = load_config(config_files(args), args.overrides)
@@ -290,6 +303,17 @@ def command_promote(args: argparse.Namespace) -> None:
     print(json.dumps(promote(cfg, project_root(args), args.version or None), indent=2))  # MLproject passes ""
 
 
+def command_rekey(args: argparse.Namespace) -> None:
+    from ltrepro.config import load_config
+    from ltrepro.rekey import rekey_runs
+
+    cfg = load_config(config_files(args), args.overrides)
+    changes = rekey_runs(project_root(args), cfg.out_dir, args.dry_run)
+    for change in changes:
+        print(f"{change['run_dir']}: {change['old']} -> {change['new']}")
+    print(f"{len(changes)} run(s) {'would be ' if args.dry_run else ''}re-keyed")
+
+
 def command_methods(args: argparse.Namespace) -> None:
     from ltrepro.methods import METHODS
 
@@ -303,13 +327,17 @@ def command_methods(args: argparse.Namespace) -> None:
         )
         tunables = ", ".join(f"{t['key']} in [{t['low']}, {t['high']}]" for t in method["tunables"]) or "-"
         print(f"{method['name']:<11} {method['summary']}\n{'':<11} stages: {stages}\n{'':<11} tunable: {tunables}")
+        for s in method["stages"]:
+            print(f"{'':<11} {s['name']} reads: {s['config']} plan fields, data, model, seed, {', '.join(s['reads']) or '-'}")
 
 
 def command_evaluate(args: argparse.Namespace) -> None:
     from ltrepro.runs import to_json
     from ltrepro.scoring import evaluate_run
 
-    metrics = evaluate_run(args.run, args.checkpoint, args.root and args.root.resolve(), args.plots_dir, track=True)
+    from ltrepro.runs import final_run
+
+    metrics = evaluate_run(final_run(args.run), args.checkpoint, args.root and args.root.resolve(), args.plots_dir, track=True)
     out = args.out or Path(metrics["run_dir"]) / "evaluation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(to_json(metrics))
@@ -362,6 +390,7 @@ COMMANDS = {
     "tune": command_tune,
     "export": command_export,
     "promote": command_promote,
+    "rekey": command_rekey,
     "methods": command_methods,
     "evaluate": command_evaluate,
     "report": command_report,

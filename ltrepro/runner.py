@@ -68,7 +68,8 @@ def check_method(cfg: Config) -> Method:
             raise LtreproError(f"{stage.section}.loss: {exc}") from None
     unread = unread_settings(cfg, method)
     if unread:
-        print(f"ltrepro: warning: {method.name} never reads {', '.join(unread)}; setting them changes nothing", file=sys.stderr)
+        what = "it changes" if len(unread) == 1 else "they change"
+        print(f"ltrepro: warning: {method.name} never reads {', '.join(unread)}; {what} nothing", file=sys.stderr)
     return method
 
 

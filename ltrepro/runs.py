@@ -93,3 +93,21 @@ def to_json(values: dict) -> str:
         return value
 
     return json.dumps(clean(values), indent=2) + "\n"
+
+
+def final_run(specs: list[str]) -> str:
+    """The one of ``specs`` that is its method's final stage; UNUSED slot markers are skipped. One
+    spec is returned as it is (it may be an MLflow run id or URI)."""
+    if len(specs) == 1:
+        return specs[0]
+    finals = []
+    for spec in specs:
+        path = Path(spec) / "run.json"
+        if not path.is_file():
+            raise LtreproError(f"{spec}: no run.json there (several runs are given as run directories)")
+        info = json.loads(path.read_text())
+        if info.get("status") != "UNUSED" and info.get("final"):
+            finals.append(spec)
+    if len(finals) != 1:
+        raise LtreproError(f"{' '.join(specs)}: expected exactly one final stage run among them, found {len(finals)}")
+    return finals[0]

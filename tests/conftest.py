@@ -66,6 +66,7 @@ def project(tmp_path: Path, fmnist_source: Path, monkeypatch: pytest.MonkeyPatch
     params = {
         "seed": 0,
         "device": "cpu",
+        "method": "ce",
         "data": {"name": "fmnist_lt", "n_max": 20, "imbalance": 10, "val_per_class": 5},
         "model": {"name": "resnet32"},
         "stage1": {"epochs": 3, "batch_size": 16, "eval_batch_size": 64, "lr": 0.05, "warmup_epochs": 1},

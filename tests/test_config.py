@@ -2,7 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from ltrepro.config import Config, StageConfig, flatten, load_config, to_dict
+import yaml
+
+from ltrepro.config import BLOCKS, Config, StageConfig, config_class, flatten, load_config, to_dict
 from ltrepro.errors import LtreproError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +66,7 @@ def test_precedence_params_then_recipe_then_later_files_then_overrides(tmp_path)
     import yaml
 
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"stage2": {"lr": 0.3}, "recipes": {"ffn": {"stage2": {"lr": 0.002, "epochs": 30}}}}))
+    params.write_text(yaml.safe_dump({"method": "ce", "stage2": {"lr": 0.3}, "recipes": {"ffn": {"stage2": {"lr": 0.002, "epochs": 30}}}}))
     paper = tmp_path / "paper.yaml"
     paper.write_text(yaml.safe_dump({"method": "ffn", "stage2": {"epochs": 40}}))
     assert load_config(params).stage2.lr == 0.3  # method ce: no recipe
@@ -80,3 +82,35 @@ def test_bad_recipe_fails_at_load_even_for_another_method(tmp_path):
     params.write_text(yaml.safe_dump({"recipes": {"h2t": {"h2t": {"rho": 2.0}}}}))
     with pytest.raises(LtreproError, match=r"recipes.h2t.h2t.rho: 2.0 is out of range; allowed: in \[0.0, 1.0\]"):
         load_config(params)
+
+
+def test_params_yaml_and_the_dataclasses_hold_one_set_of_defaults():
+    """params.yaml is where defaults live; the dataclasses (what a partial params file falls back
+    to) must hold the same keys and values, method blocks included."""
+    documented = {k: v for k, v in flatten(yaml.safe_load((REPO / "params.yaml").read_text())).items() if not k.startswith("recipes.")}
+    built = {k: v for k, v in flatten(to_dict(config_class()())).items() if not k.startswith("recipes")}
+    assert sorted(documented) == sorted(built)
+    assert {k: v for k, v in built.items() if documented[k] != v} == {}
+    assert {"ffn", "h2t"} <= set(BLOCKS)  # the method blocks are registered by their methods
+
+
+def test_a_registered_block_is_a_validated_top_level_key():
+    from dataclasses import dataclass
+
+    from ltrepro.config import bounded, register_block, unregister_block
+
+    @dataclass
+    class ToyBlock:
+        width: int = bounded(3, 1)
+
+    register_block("toy_block", ToyBlock)
+    try:
+        assert load_config(None, ["toy_block.width=5"]).toy_block.width == 5
+        with pytest.raises(LtreproError, match=r"toy_block.width: 0 is out of range"):
+            load_config(None, ["toy_block.width=0"])
+        with pytest.raises(ValueError, match="registered twice"):
+            register_block("stage1", ToyBlock)
+    finally:
+        unregister_block("toy_block")
+    with pytest.raises(LtreproError, match="unknown key toy_block"):
+        load_config(None, ["toy_block.width=5"])

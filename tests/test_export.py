@@ -10,7 +10,8 @@ import torch
 from ltrepro.cli import main
 from ltrepro.errors import LtreproError
 from ltrepro.export import export_run, parity
-from ltrepro.train import load_run, train
+from ltrepro.rebuild import load_run
+from ltrepro.runner import train
 
 FAST = ["stage1.epochs=2", "stage2.epochs=2", "stage2.batch_size=16", "ffn.kps_params={ga_epoch: 1}"]
 

@@ -7,7 +7,8 @@ import yaml
 
 from ltrepro.cli import main
 from ltrepro.methods import METHODS
-from ltrepro.train import evaluate_run, train
+from ltrepro.runner import train
+from ltrepro.scoring import evaluate_run
 
 FAST = ["stage1.epochs=2", "stage2.epochs=2", "stage2.batch_size=16", "ffn.kps_params={ga_epoch: 1}"]
 
@@ -80,7 +81,7 @@ def test_methods_command_lists_stages_and_tunables(capsys):
     listed = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
     assert set(listed) == set(METHODS.names())
     assert [s["name"] for s in listed["ffn"]["stages"]] == ["stage1_ce", "stage1_kps", "stage2"]
-    assert listed["ffn"]["tunables"][0]["key"] == "stage2.lam" and listed["h2t"]["tunables"][0]["key"] == "h2t.rho"
+    assert listed["ffn"]["tunables"][0]["key"] == "ffn.lam" and listed["h2t"]["tunables"][0]["key"] == "h2t.rho"
 
 
 def test_unknown_method_and_bad_recipe_fail_at_once(project, capsys):

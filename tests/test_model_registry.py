@@ -9,7 +9,7 @@ from ltrepro.config import load_config
 from ltrepro.errors import LtreproError
 from ltrepro.export import export_run
 from ltrepro.model_registry import promote
-from ltrepro.train import train
+from ltrepro.runner import train
 
 FAST = ["method=crt", "stage1.epochs=2", "stage2.epochs=2", "stage2.batch_size=16"]
 NAME = "ltrepro-fmnist_lt"

@@ -29,12 +29,12 @@ def test_mlproject_entry_points_parse_into_ltrepro_commands():
     assert set(project._entry_points) == ENTRY_POINTS
     for name, entry in project._entry_points.items():
         given = {key: "runs:/0123abcd" for key, p in entry.parameters.items() if p.default is None}
-        command = shlex.split(entry.compute_command({**given, "stage2.lam": "0.7"}, None))
+        command = shlex.split(entry.compute_command({**given, "ffn.lam": "0.7"}, None))
         assert command[0] == "ltrepro", name
         rest, overrides = split_overrides(command[1:])
         args = build_parser().parse_args(rest)  # exits on a command the CLI does not accept
         assert args.command == {"main": "pipeline", "prepare": "data", "stage1": "stage", "stage2": "stage"}.get(name, name)
-        assert overrides == ["stage2.lam=0.7"]  # an undeclared -P reaches the config as an override
+        assert overrides == ["ffn.lam=0.7"]  # an undeclared -P reaches the config as an override
         for key, parameter in entry.parameters.items():
             assert parameter.type in ("string", "float", "path", "uri"), (name, key)
 
@@ -106,13 +106,13 @@ def test_dvc_repro_runs_the_pipeline_then_does_nothing_and_exp_run_is_tracked(re
 
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "pipeline outputs")
-    run(repo, "dvc", "exp", "run", "-n", "lam07", "-S", "stage2.lam=0.7")
+    run(repo, "dvc", "exp", "run", "-n", "lam07", "-S", "ffn.lam=0.7")
     stage2_runs = runs("tags.stage = 'stage2'")
     assert len(stage2_runs) == 2 and len(runs("tags.stage = 'stage1_ce'")) == 1  # stage 1 not retrained
     newest = max(stage2_runs, key=lambda r: r.info.start_time)
-    assert newest.data.tags["DVC_EXP_NAME"] == "lam07" and newest.data.params["stage2.lam"] == "0.7"
+    assert newest.data.tags["DVC_EXP_NAME"] == "lam07" and newest.data.params["ffn.lam"] == "0.7"
 
-    bad = run(repo, "dvc", "exp", "run", "-S", "stage2.lamda=0.7", check=False)
+    bad = run(repo, "dvc", "exp", "run", "-S", "ffn.lamda=0.7", check=False)
     assert bad.returncode != 0
 
 
@@ -133,17 +133,17 @@ def test_mlflow_run_main_chains_steps_and_a_stage2_sweep_reuses_stage1(repo):
     assert "test_top1" in mlflow.get_run(steps["evaluate"]).data.metrics
     assert mlflow.get_run(steps["export"]).data.metrics["parity_top1_agreement"] >= 0.99
 
-    out = run(repo, *mlflow_run, "-e", "main", "-P", "stage2.lam=0.7").stdout
+    out = run(repo, *mlflow_run, "-e", "main", "-P", "ffn.lam=0.7").stdout
     assert "stage1_ce: reusing FINISHED run" in out and "stage1_kps: reusing FINISHED run" in out
     assert len(runs("tags.stage = 'stage1_ce'")) == 1 and len(runs("tags.stage = 'stage2'")) == 2
     newest = max(runs("tags.stage = 'main'"), key=lambda r: r.info.start_time)
     assert newest.data.tags["step.stage1_ce.reused"] == "true" and newest.data.tags["step.stage2.reused"] == "false"
-    assert mlflow.get_run(newest.data.tags["step.stage2.run_id"]).data.params["stage2.lam"] == "0.7"
+    assert mlflow.get_run(newest.data.tags["step.stage2.run_id"]).data.params["ffn.lam"] == "0.7"
 
 
 @pytest.mark.parametrize(
     "parameter, message",
-    [("foo=1", "ltrepro: error: unrecognized arguments: --foo 1"), ("stage2.lamb=1", "ltrepro: error: unknown key stage2.lamb")],
+    [("foo=1", "ltrepro: error: unrecognized arguments: --foo 1"), ("ffn.lamb=1", "ltrepro: error: unknown key ffn.lamb")],
 )
 def test_unknown_entry_point_parameter_is_one_line(repo, parameter, message):
     done = run(repo, "mlflow", "run", ".", "-e", "stage1", "--env-manager", "local", "-P", parameter, check=False)

@@ -4,16 +4,16 @@ import json
 import pytest
 
 from ltrepro.cli import main, split_overrides
-from ltrepro.train import read_run
+from ltrepro.runs import read_run
 
 FAST = ["stage1.epochs=2", "stage2.epochs=2", "stage2.batch_size=16", "ffn.kps_params={ga_epoch: 1}"]
 
 
 def test_overrides_are_taken_anywhere_and_in_mlflow_form():
     rest, overrides = split_overrides(
-        ["stage", "stage2", "--stage2.lam", "0.7", "--method=h2t", "seed=3", "--input", "stage1=runs/x", "--foo", "1", "x=1"]
+        ["stage", "stage2", "--ffn.lam", "0.7", "--method=h2t", "seed=3", "--input", "stage1=runs/x", "--foo", "1", "x=1"]
     )
-    assert overrides == ["stage2.lam=0.7", "method=h2t", "seed=3"]
+    assert overrides == ["ffn.lam=0.7", "method=h2t", "seed=3"]
     assert rest == ["stage", "stage2", "--input", "stage1=runs/x", "--foo", "1", "x=1"]  # inputs and unknowns stay
 
 
@@ -43,7 +43,7 @@ def test_stage2_finds_its_inputs_or_says_how_to_make_them(project, capsys):
     "args, message",
     [
         (["stage", "stage3"], "method 'crt' has no stage 'stage3'"),
-        (["stage", "stage2:1"], "a slot is written stage1:N with N >= 1"),
+        (["stage", "stage2:0"], "a slot is written stageL:N with L, N >= 1"),
         (["stage", "stage2", "--input", "stage9=runs/x"], "crt/stage2 has no input 'stage9'"),
         (["stage", "stage2", "--input", "stage1"], "expected NAME=RUN_DIR or NAME=runs:/RUN_ID"),
         (["stage", "stage2", "--input", "stage1=nowhere"], "not an ltrepro run directory"),

@@ -14,7 +14,7 @@ from ltrepro.cli import main
 from ltrepro.config import load_config
 from ltrepro.errors import LtreproError
 from ltrepro.methods import METHODS
-from ltrepro.train import train
+from ltrepro.runner import train
 from ltrepro.tune import search_space, tune
 
 FAST = ["method=ffn", "stage1.epochs=2", "stage2.epochs=3", "stage2.batch_size=16", "ffn.kps_params={ga_epoch: 1}"]
@@ -46,7 +46,7 @@ def test_study_prunes_nests_runs_writes_best_and_resumes(project, monkeypatch):
     study = optuna.load_study(study_name="lam", storage=f"sqlite:///{project / 'optuna.db'}")
     states = {t.number: t.state for t in study.trials}
     assert states[2] == states[4] == optuna.trial.TrialState.PRUNED
-    assert all(0.0 <= t.params["stage2.lam"] <= 1.0 for t in study.trials)
+    assert all(0.0 <= t.params["ffn.lam"] <= 1.0 for t in study.trials)
     assert len(study.trials[2].intermediate_values) == 2  # reported every epoch until pruned
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
@@ -55,7 +55,7 @@ def test_study_prunes_nests_runs_writes_best_and_resumes(project, monkeypatch):
     for number, run in trials.items():
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.info.status == ("KILLED" if number in (2, 4) else "FINISHED")
-        assert float(run.data.params["stage2.lam"]) == pytest.approx(study.trials[number].params["stage2.lam"])
+        assert float(run.data.params["ffn.lam"]) == pytest.approx(study.trials[number].params["ffn.lam"])
     for number in (0, 1, 3, 5):
         assert trials[number].data.metrics["value"] == pytest.approx(study.trials[number].value)
     # The stage runs of a trial nest under it; stage 1 is trained once (trial 0) and reused after.
@@ -68,7 +68,7 @@ def test_study_prunes_nests_runs_writes_best_and_resumes(project, monkeypatch):
 
     best_file = project / "tuned" / "lam.yaml"
     tuned = load_config([params, best_file])
-    assert tuned.method == "ffn" and tuned.stage2.lam == pytest.approx(study.best_params["stage2.lam"], abs=1e-6)
+    assert tuned.method == "ffn" and tuned.ffn.lam == pytest.approx(study.best_params["ffn.lam"], abs=1e-6)
 
     resumed = tune([params], [*FAST, "tune.trials=8", "tune.study=lam"], project, resume=True)
     assert resumed["complete"] + resumed["pruned"] == 8
@@ -91,7 +91,7 @@ def test_crashed_trial_does_not_end_the_study(project, monkeypatch):
     calls = []
 
     def flaky(cfg, root, hook):
-        calls.append(cfg.stage2.lam)
+        calls.append(cfg.ffn.lam)
         if len(calls) == 2:
             raise RuntimeError("CUDA out of memory (simulated)")
         return real(cfg, root, hook)
@@ -106,11 +106,11 @@ def test_crashed_trial_does_not_end_the_study(project, monkeypatch):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("tune.space.stage2.lam=[0.9, 0.2]", "tune.space.stage2.lam: the range [0.9, 0.2] is empty"),
-        ("tune.space.stage2.lam=abc", "tune.space.stage2.lam: expected [low, high], two numbers; got 'abc'"),
-        ("tune.space.stage2.lam=[0, true]", "expected [low, high], two numbers"),
-        ("tune.space.stage2.lam=[0.5, 1.5]", "leaves ffn's range [0.0, 1.0]"),
-        ("tune.space.h2t.rho=[0.1, 0.2]", "tune.space.h2t.rho: ffn does not tune it; its tunables: stage2.lam"),
+        ("tune.space.ffn.lam=[0.9, 0.2]", "tune.space.ffn.lam: the range [0.9, 0.2] is empty"),
+        ("tune.space.ffn.lam=abc", "tune.space.ffn.lam: expected [low, high], two numbers; got 'abc'"),
+        ("tune.space.ffn.lam=[0, true]", "expected [low, high], two numbers"),
+        ("tune.space.ffn.lam=[0.5, 1.5]", "leaves ffn's range [0.0, 1.0]"),
+        ("tune.space.h2t.rho=[0.1, 0.2]", "tune.space.h2t.rho: ffn does not tune it; its tunables: ffn.lam"),
         ("tune.storage=sqlite:////nonexistent/dir/optuna.db", "tune.storage 'sqlite:////nonexistent/dir/optuna.db': cannot open"),
         ("tune.storage=postgresql://nobody@127.0.0.1:9/none", "tune.storage 'postgresql://nobody@127.0.0.1:9/none': cannot open"),
         ("tune.pruner=sometimes", "tune.pruner: got 'sometimes', expected one of 'median', 'hyperband', 'none'"),

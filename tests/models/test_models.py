@@ -75,7 +75,7 @@ def test_channels_last_matches_contiguous(name: str) -> None:
 
 
 def test_resnet32_size_matches_spec() -> None:
-    """ffn_h2t.md §1.3: about 0.46 M parameters; fsgl_fcc.md §1.2 gives 463,504 backbone + 650 head."""
+    """docs/methods/README.md#backbones: about 0.46 M parameters, 463,504 in the backbone + 650 in a 10-class head."""
     model = create_model("resnet32", 10, 3)
     total = sum(p.numel() for p in model.parameters())
     assert abs(total - 0.46e6) <= 0.01 * 0.46e6
@@ -88,7 +88,7 @@ def test_resnet32_option_a_shortcut_has_no_parameters() -> None:
 
 
 def test_resnet34_cifar_size_matches_spec() -> None:
-    """fsgl_fcc.md §2.4: the CIFAR ResNet-34 backbone has 21,276,992 parameters."""
+    """docs/methods/README.md#backbones: FSGL's CIFAR ResNet-34 backbone has 21,276,992 parameters."""
     model = built("resnet34_cifar", 3)
     assert sum(p.numel() for p in model.backbone.parameters()) == 21_276_992
 

@@ -22,7 +22,8 @@ from ltrepro.model_registry import image_base64, promote
 from ltrepro.config import load_config
 from ltrepro.serving.loadtest import request_body, run_load
 from ltrepro.serving.server import mlflow_server
-from ltrepro.train import load_run, train
+from ltrepro.rebuild import load_run
+from ltrepro.runner import train
 from serve.client import classify
 
 pytestmark = pytest.mark.skipif(

@@ -8,8 +8,12 @@ import torch
 from ltrepro import engine
 from ltrepro.cli import main
 from ltrepro.errors import LtreproError
-from ltrepro import train as train_module
-from ltrepro.train import evaluate_run, train
+from ltrepro.optim import PlainUpdate
+from ltrepro.readouts import LogitReadout
+from ltrepro.stages import StagePlan
+from ltrepro import runner, scoring
+from ltrepro.runner import train
+from ltrepro.scoring import evaluate_run
 
 
 def weights(path):
@@ -81,13 +85,14 @@ def test_evaluate_reproduces_the_final_test_metrics(project):
 
 def test_selection_never_reads_the_test_split(project, monkeypatch):
     reads = []
-    real_make_loader = train_module.make_loader
+    real_make_loader = runner.make_loader
 
     def spy(data, split, *args, **kwargs):
         reads.append(split)
         return real_make_loader(data, split, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "make_loader", spy)
+    monkeypatch.setattr(runner, "make_loader", spy)
+    monkeypatch.setattr(scoring, "make_loader", spy)
     train(project / "params.yaml", ["stage1.epochs=2"])
     assert reads == ["val", "test"]  # the test loader is made once, after fit returned
 
@@ -115,9 +120,10 @@ def test_nonfinite_loss_names_epoch_and_step():
             return loss * float("nan") if self.steps == 2 else loss
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    plan = StagePlan(model, NanAtSecondStep(), Loader(), optimizer, PlainUpdate(), LogitReadout())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     with pytest.raises(LtreproError, match="NaN or infinite at epoch 4, step 2"):
-        engine.run_epoch(model, NanAtSecondStep(), optimizer, scheduler, Loader(), torch.device("cpu"), 0, 3, 5)
+        engine.run_epoch(plan, scheduler, torch.device("cpu"), 0, 3, 5)
 
 
 def test_bad_config_fails_before_anything_is_written(project, capsys):
