@@ -78,7 +78,7 @@ class ConfigView:
         path = self._prefix + name
         if covers(self._allowed, path):
             return value
-        if dataclasses.is_dataclass(value) and any(a.startswith(path + ".") for a in self._allowed):
+        if dataclasses.is_dataclass(value):  # a block: its values are checked as they are read
             return ConfigView(value, self._allowed, self._label, path + ".")
         raise LtreproError(
             f"{self._label} read {path}, which the stage does not declare in its reads (so it would not enter "
