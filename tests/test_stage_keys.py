@@ -1,0 +1,104 @@
+"""Stage keys change when, and only when, a value the stage reads changes; unread settings warn."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+
+import pytest
+
+from ltrepro.config import config_class, flatten, load_config, to_dict, unflatten, with_overrides
+from ltrepro.methods import METHODS
+from ltrepro.runner import check_method, plan_method
+from ltrepro.stage_keys import GLOBAL_KEYS, NOT_IN_KEY, covers, stage_reads
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def field_type(path: str):
+    """The annotation of a config leaf (``stage1.schedule``), or None inside a free-form dict."""
+    node = config_class()
+    tp = None
+    for part in path.split("."):
+        if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
+            return None
+        tp = typing.get_type_hints(node)[part]
+        node = tp
+    return tp
+
+
+def another_value(path: str, value):
+    """A different value the config accepts for ``path``."""
+    tp = field_type(path)
+    if typing.get_origin(tp) is typing.Literal:
+        return next(option for option in typing.get_args(tp) if option != value)
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value / 2 + 0.001
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, list):
+        return [*value, value[-1]] if value else [1]
+    if value is None:  # an optional field (or a free-form dict entry): a value of its type
+        return "x" if str in typing.get_args(tp) else 16
+    raise AssertionError(f"no mutation for {path}={value!r}")
+
+
+def leaves(cfg) -> dict:
+    flat = flatten(to_dict(cfg))
+    for section in ("stage1", "stage2"):  # empty dicts have no leaves; give them one
+        flat[f"{section}.loss_params.probe_value"] = None
+    return {k: v for k, v in flat.items() if not covers(("method", "recipes"), k)}
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_key_changes_exactly_when_a_read_value_changes(method):
+    cfg = load_config(REPO / "params.yaml", [f"method={method}"])
+    base = {stage.name: key for stage, _, key in plan_method(cfg)}
+    stages = {stage.name: stage for stage in METHODS.get(method).stages}
+    for path, value in leaves(cfg).items():
+        new = another_value(path, value)
+        changed_cfg = with_overrides(cfg, unflatten({path: new}))
+        keys = {stage.name: key for stage, _, key in plan_method(changed_cfg)}
+        changed = set()
+        for name, stage in stages.items():  # stages come in order: inputs first
+            overridden = {".".join(k.split(".")[:2]) for k in flatten(stage.overrides(cfg))}  # whole fields
+            reads = covers(stage_reads(stage), path) and path not in NOT_IN_KEY and not covers(list(overridden), path)
+            if reads or any(i in changed for i in stage.inputs):
+                changed.add(name)
+        assert {name for name in stages if keys[name] != base[name]} == changed, f"{method}: {path}={value!r} -> {new!r}"
+
+
+def test_two_builders_never_share_a_key():
+    cfg = load_config(REPO / "params.yaml")
+    keys = {}
+    for name in METHODS.names():
+        for stage, _, key in plan_method(with_overrides(cfg, {"method": name})):
+            keys.setdefault(key, set()).add(f"{stage.build.__module__}:{stage.build.__qualname__}")
+    assert all(len(builders) == 1 for builders in keys.values())
+    # CE's stage 1 is one run for ce, crt, ffn's CE branch
+    shared = {plan_method(with_overrides(cfg, {"method": m}))[0][2] for m in ("ce", "crt", "ffn")}
+    assert len(shared) == 1
+
+
+def test_setting_a_value_the_method_never_reads_warns_once_naming_it(capsys):
+    cfg = load_config(REPO / "params.yaml", ["method=ffn", "stage2.bn=shift", "stage2.init=random", "h2t.rho=0.3"])
+    check_method(cfg)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["ltrepro: warning: ffn never reads stage2.init, stage2.bn, h2t.rho; they change nothing"]
+    check_method(load_config(REPO / "params.yaml", ["method=ffn", "ffn.lam=0.7", "seed=3", "tune.trials=2"]))
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_params_yaml_recipes_set_nothing_their_method_ignores(method, capsys):
+    check_method(load_config(REPO / "params.yaml", [f"method={method}"]))
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_global_keys_are_config_keys():
+    fields = {f.name for f in dataclasses.fields(config_class())}
+    assert set(GLOBAL_KEYS) <= fields
