@@ -242,7 +242,7 @@ def command_stage(args: argparse.Namespace) -> None:
         if not (directory / "run.json").is_file():
             raise LtreproError(f"--from {directory}: no run.json there")
         info = json.loads((directory / "run.json").read_text())
-        if info.get("status") != "UNUSED":  # a run's own files are checked when it is resolved as an input
+        if info.get("stage") in stage.inputs:  # a run's own files are checked when it is resolved as an input
             inputs[info["stage"]] = str(directory)
     for text in (item for value in args.input for item in value.split(",") if item):
         name, sep, spec = text.partition("=")

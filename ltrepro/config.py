@@ -28,7 +28,7 @@ def bounded(default: Any, low: float | None = None, high: float | None = None, *
 
 @dataclass
 class AugmentConfig:
-    """Training augmentation, run batch-wise on the device for in-memory datasets (spec §1.2)."""
+    """Training augmentation, run batch-wise on the device for in-memory datasets (docs/methods/README.md#augmentation)."""
 
     crop_padding: int = bounded(4, 0, 64)  # random crop of the input size after zero padding
     flip: bool = True  # random horizontal flip

@@ -16,10 +16,10 @@ from ltrepro.losses import LossModule
 
 
 class FeatureScaling:
-    """FCC (fsgl_fcc.md §1.2-1.3): features times tau_y in training from epoch ``start + 1`` (1-based).
+    """FCC (docs/methods/fcc.md#scale-factors): features times tau_y in training from epoch ``start + 1`` (1-based).
 
     ``factors`` None means FCC is off. With mixup the scale is the label mixture's,
-    s_i = lam tau_a + (1 - lam) tau_b (FSGL's soft-label rule, §1.7), not the reference Remix's
+    s_i = lam tau_a + (1 - lam) tau_b (FSGL's soft-label rule, docs/methods/fcc.md#with-mixup), not the reference Remix's
     first-label-only rule (bug FC8).
     """
 
@@ -43,7 +43,7 @@ class FeatureScaling:
 
 
 class Objective:
-    """loss(head(FCC(features(x))), y), with input mixup when alpha > 0 (ffn_h2t.md §1.4).
+    """loss(head(FCC(features(x))), y), with input mixup when alpha > 0 (docs/methods/README.md#mixup).
 
     One lam ~ Beta(alpha, alpha) and one permutation pi per batch: x~ = lam x + (1 - lam) x[pi],
     loss = lam L(z, y) + (1 - lam) L(z, y[pi]). Stage 1 of every method and the linear-probe stage 2
@@ -69,7 +69,7 @@ class Objective:
 
 
 class GraftingObjective(Objective):
-    """H2T stage 2 (ffn_h2t.md §3.3): images are (fused x1 class-balanced, fusing x2 instance-sampled).
+    """H2T stage 2 (docs/methods/h2t.md#stage-2-dual-sampling-and-grafting): images are (fused x1 class-balanced, fusing x2 instance-sampled).
 
     Both pass the frozen backbone (fused first, so shift-BN sees them in the reference order); a
     per-batch random subset of floor(rho K) last-stage channels of F1 is replaced by F2's; the loss
@@ -88,7 +88,7 @@ class GraftingObjective(Objective):
 
 
 class FusionObjective(Objective):
-    """FFN stage 2 (ffn_h2t.md §2.3): the loss (LDAM) on fused cosine logits
+    """FFN stage 2 (docs/methods/ffn.md#stage-2-fusion): the loss (LDAM) on fused cosine logits
     z = lam cos(W, f_kps) + (1 - lam) cos(W, f_ce) of the two frozen backbones."""
 
     def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator):

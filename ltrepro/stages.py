@@ -138,7 +138,7 @@ def probe_model(stage1: Classifier, cfg: Config, data: LTData, lws: bool = False
 
 
 def head_param_groups(model: Classifier, lr: float, head_lr_factor: float = 1.0) -> list[dict]:
-    """The trainable head; with LWS, the classifier at lr * head_lr_factor and the scales at lr (MiSLAS §3.4)."""
+    """The trainable head; with LWS, the classifier at lr * head_lr_factor and the scales at lr (docs/methods/mislas.md#learnable-weight-scaling)."""
     if isinstance(model.head, LearnableWeightScaling):
         return [
             {"params": list(model.head.head.parameters()), "lr": lr * head_lr_factor},

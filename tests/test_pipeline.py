@@ -79,13 +79,13 @@ def runs(filter_string: str):
 
 def test_dvc_pipeline_validates(repo):
     dag = run(repo, "dvc", "dag").stdout
-    for stage in ("prepare", "stage1@1", "stage1@2", "stage2", "evaluate", "export"):
+    for stage in ("prepare", "stage1@1", "stage1@2", "stage2", "stage3", "evaluate", "export"):
         assert stage in dag
-    for out in ("data/raw/fashion-mnist", "models/stage1-1", "models/stage1-2", "models/stage2"):
+    for out in ("data/raw/fashion-mnist", "models/stage1-1", "models/stage1-2", "models/stage2", "models/stage3"):
         (repo / out).mkdir(parents=True)  # --dry hashes every dep, so each must exist
     dry = run(repo, "dvc", "repro", "--dry").stdout
     assert "ltrepro stage stage1:2 --run-dir models/stage1-2" in dry
-    assert "ltrepro export models/stage2" in dry
+    assert "ltrepro export models/stage1-1 models/stage1-2 models/stage2 models/stage3" in dry
 
 
 @needs_fmnist
@@ -114,6 +114,16 @@ def test_dvc_repro_runs_the_pipeline_then_does_nothing_and_exp_run_is_tracked(re
 
     bad = run(repo, "dvc", "exp", "run", "-S", "ffn.lamda=0.7", check=False)
     assert bad.returncode != 0
+
+    # a one-stage method through the same DAG: stage 1 in slot 1, every other slot UNUSED
+    run(repo, "dvc", "exp", "run", "-n", "ce", "-S", "method=ce")
+    for slot in ("stage1-2", "stage2", "stage3"):
+        assert json.loads((repo / "models" / slot / "run.json").read_text())["status"] == "UNUSED"
+    ce = json.loads((repo / "models/stage1-1/run.json").read_text())
+    assert (ce["method"], ce["stage"], ce["final"]) == ("ce", "stage1", True)
+    evaluated = json.loads((repo / "metrics/test.json").read_text())
+    assert evaluated["run_dir"].endswith("models/stage1-1") and 0 <= evaluated["test_top1"] <= 100
+    assert json.loads((repo / "metrics/export.json").read_text())["parity_top1_agreement"] >= 0.99
 
 
 @needs_fmnist
