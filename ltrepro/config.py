@@ -127,7 +127,7 @@ class TuneConfig:
     startup_trials: int = bounded(3, 0)  # median pruner: trials never pruned, to form the median
     warmup_epochs: int = bounded(3, 0)  # epochs a trial runs before it may be pruned
     sampler_seed: int | None = None  # TPE seed; null: cfg.seed (give each worker its own)
-    space: dict[str, Any] = field(default_factory=dict)  # narrower ranges, e.g. {"stage2": {"lam": [0.3, 0.9]}}
+    space: dict[str, Any] = field(default_factory=dict)  # narrower ranges, e.g. {"ffn": {"lam": [0.3, 0.9]}}
     best_dir: str = "tuned"  # the best params go to <best_dir>/<study>.yaml
 
 
@@ -340,7 +340,7 @@ def with_overrides(cfg: Config, values: dict) -> Config:
 
 
 def is_config_key(key: str) -> bool:
-    """Whether ``key`` names a config value (``seed``, ``stage1.lr``, ``stage2.lam``), so the CLI can
+    """Whether ``key`` names a config value (``seed``, ``stage1.lr``, ``ffn.lam``), so the CLI can
     take ``key=value`` anywhere on its command line, and MLflow's ``--key value`` form too."""
     root, dot, _ = key.partition(".")
     hints = typing.get_type_hints(config_class())
@@ -352,7 +352,7 @@ def to_dict(cfg: Any) -> dict:
 
 
 def unflatten(flat: dict[str, Any]) -> dict:
-    """{"stage2.lam": 0.7} -> {"stage2": {"lam": 0.7}}: the inverse of ``flatten``."""
+    """{"ffn.lam": 0.7} -> {"ffn": {"lam": 0.7}}: the inverse of ``flatten``."""
     values: dict = {}
     for key, value in flat.items():
         set_path(values, key.split("."), value, key)

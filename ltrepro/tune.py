@@ -1,6 +1,6 @@
 """Optuna studies over a method's declared tunables (``ltrepro tune``, the ``tune:`` block).
 
-Search space: the ``Tunable``s a method declares next to its code (FFN's ``stage2.lam``, H2T's
+Search space: the ``Tunable``s a method declares next to its code (FFN's ``ffn.lam``, H2T's
 ``h2t.rho``, CE+FCC's ``stage1.fcc``), optionally narrowed by ``tune.space``. The objective is the
 final stage's validation balanced top-1 at its selected epoch; the test set is never read for it.
 Every epoch of the final stage reports its validation value, so a median (or Hyperband) pruner can
@@ -59,7 +59,7 @@ def search_space(cfg: Config, method: Method) -> list[Tunable]:
     declared = {tunable.key: tunable for tunable in method.tunables}
     if not declared:
         raise LtreproError(f"method {method.name!r} declares no tunable parameters; `ltrepro methods` lists them")
-    for key, bounds in flatten(cfg.tune.space).items():  # {stage2: {lam: [a, b]}} or {"stage2.lam": [a, b]}
+    for key, bounds in flatten(cfg.tune.space).items():  # {ffn: {lam: [a, b]}} or {"ffn.lam": [a, b]}
         if key not in declared:
             raise LtreproError(f"tune.space.{key}: {method.name} does not tune it; its tunables: {', '.join(declared)}")
         numbers = isinstance(bounds, list) and len(bounds) == 2

@@ -17,6 +17,7 @@ import torch
 
 from ltrepro.config import Config
 from ltrepro.data import LTData
+from ltrepro.errors import LtreproError
 from ltrepro.registry import Registry
 from ltrepro.stages import StagePlan
 
@@ -72,8 +73,6 @@ class Method:
         }
 
     def stage(self, name: str) -> Stage:
-        from ltrepro.errors import LtreproError
-
         for stage in self.stages:
             if stage.name == name:
                 return stage
