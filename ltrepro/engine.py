@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import TYPE_CHECKING, Callable, Iterable, Protocol
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from ltrepro.config import StageConfig
 from ltrepro.data.loader import fixed_seed_generator
 from ltrepro.errors import LtreproError
 from ltrepro.evaluate import balanced_accuracy
+
+if TYPE_CHECKING:
+    from ltrepro.stages import StagePlan
 
 
 class Objective(Protocol):
@@ -77,7 +80,7 @@ def autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def validation_accuracy(plan, loader: Loader, device: torch.device, num_classes: int) -> float:
+def validation_accuracy(plan: StagePlan, loader: Loader, device: torch.device, num_classes: int) -> float:
     """Class-balanced validation accuracy (%) of the plan's readout, the only number selection reads."""
     scores, labels = plan.readout.predict(plan.model, loader, device)
     return balanced_accuracy(scores.argmax(1), labels, num_classes)
@@ -110,7 +113,7 @@ class FitResult:
 
 
 def fit(
-    plan,
+    plan: StagePlan,
     stage: StageConfig,
     val_loader: Loader,
     run_dir: Path,
@@ -184,7 +187,7 @@ def fit(
 
 
 def run_epoch(
-    plan, scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, seed: int, epoch: int, epochs: int
+    plan: StagePlan, scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, seed: int, epoch: int, epochs: int
 ) -> tuple[float, float, int]:
     """One training epoch; returns (mean loss, seconds, images seen).
 
