@@ -37,8 +37,9 @@ class LoadedRun:
     readout: object
 
 
-def rebuild_plan(info: dict, cfg: Config, data: LTData, root: Path, device: torch.device):
-    """The stage plan of the run ``info`` describes, built by the builder that made it."""
+def rebuild(info: dict, cfg: Config, data: LTData, root: Path, device: torch.device, checkpoint: str):
+    """The stage and plan of the run ``info`` describes, built by the builder that made it, with the
+    weights of ``checkpoint`` loaded; also returns that checkpoint's state."""
     method = get_method(info["method"])
     stage = method.stage(info["stage"])
     recorded = info.get("builder")
@@ -47,8 +48,11 @@ def rebuild_plan(info: dict, cfg: Config, data: LTData, root: Path, device: torc
             f"{info['run_dir']}: built by {recorded}, but {method.name}/{stage.name} is now built by "
             f"{builder_id(stage)}; retrain it (its stage key no longer matches)"
         )
-    inputs = resolve_inputs(info["inputs"], root)
-    return stage, stage.build(builder_view(cfg, method, stage), data, inputs, device)
+    path = info["run_dir"] / checkpoint
+    state = load_checkpoint(path)
+    plan = stage.build(builder_view(cfg, method, stage), data, resolve_inputs(info["inputs"], root), device)
+    load_weights(plan.model, state["model"], path)
+    return stage, plan, state
 
 
 def load_run(run_dir: Path, checkpoint: str = "best.pt", root: Path | None = None) -> LoadedRun:
@@ -57,21 +61,15 @@ def load_run(run_dir: Path, checkpoint: str = "best.pt", root: Path | None = Non
     info = read_run(run_dir)
     run_dir, root = info["run_dir"], root or Path(info["project_root"])
     cfg = resolve(load_config(run_dir / "config.yaml"))
-    path = run_dir / checkpoint
-    state = load_checkpoint(path)
     device = select_device(cfg.device)
     data = load_data(cfg.data, cfg.seed, root)
-    stage, plan = rebuild_plan(info, cfg, data, root, device)
-    load_weights(plan.model, state["model"], path)
+    stage, plan, state = rebuild(info, cfg, data, root, device, checkpoint)
     info = {**info, "section": stage.section}
-    return LoadedRun(plan.model.eval(), cfg, data, info, device, path, state.get("epoch"), plan.readout)
+    return LoadedRun(plan.model.eval(), cfg, data, info, device, run_dir / checkpoint, state.get("epoch"), plan.readout)
 
 
 def load_input(run_dir: Path, data: LTData, device: torch.device) -> torch.nn.Module:
     """The selected model of a finished input run (``best.pt``), rebuilt on ``data`` and ``device``."""
     info = read_run(run_dir)
     cfg = resolve(load_config(info["run_dir"] / "config.yaml"))
-    _, plan = rebuild_plan(info, cfg, data, Path(info["project_root"]), device)
-    path = info["run_dir"] / "best.pt"
-    load_weights(plan.model, load_checkpoint(path)["model"], path)
-    return plan.model
+    return rebuild(info, cfg, data, Path(info["project_root"]), device, "best.pt")[1].model

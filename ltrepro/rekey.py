@@ -9,7 +9,6 @@ reuse then find these runs again.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
@@ -38,7 +37,7 @@ def rekey_runs(root: Path, out_dir: str, dry_run: bool = False) -> list[dict]:
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(root))
-    runs = {run_dir.resolve(): run_dir for run_dir in finished_runs(root / out_dir)}
+    runs = {run_dir.resolve(): info for run_dir, info in finished_runs(root / out_dir).items()}
     keys: dict[Path, str] = {}
     changes: list[dict] = []
 
@@ -46,10 +45,11 @@ def rekey_runs(root: Path, out_dir: str, dry_run: bool = False) -> list[dict]:
         run_dir = run_dir.resolve()
         if run_dir in keys:
             return keys[run_dir]
-        info = json.loads((run_dir / "run.json").read_text())
+        info = runs[run_dir]
         values = migrate(yaml.safe_load((run_dir / "config.yaml").read_text()))
         cfg = resolve(with_overrides(config_class()(), values))
-        stage = get_method(info["method"]).stage(info["stage"])
+        method = get_method(info["method"])
+        stage = method.stage(info["stage"])
         input_keys = {}
         for name, spec in info["inputs"].items():
             path = Path(spec) if Path(spec).is_absolute() else Path(info["project_root"]) / spec
@@ -62,11 +62,11 @@ def rekey_runs(root: Path, out_dir: str, dry_run: bool = False) -> list[dict]:
             changes.append({"run_dir": str(run_dir), "old": info["stage_key"], "new": key})
             if not dry_run:
                 (run_dir / "config.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
-                final = stage.name == get_method(info["method"]).stages[-1].name
-                write_run(run_dir, {**info, "stage_key": key, "key_version": KEY_VERSION, "builder": builder_id(stage), "final": final})
+                update = {"stage_key": key, "key_version": KEY_VERSION, "builder": builder_id(stage), "final": method.is_final(stage)}
+                write_run(run_dir, {**info, **update})
                 mlflow.MlflowClient().set_tag(info["mlflow_run_id"], "stage_key", key)
         return key
 
-    for run_dir in runs:
+    for run_dir in list(runs):
         rekey(run_dir)
     return changes

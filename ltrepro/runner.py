@@ -60,8 +60,8 @@ def check_method(cfg: Config) -> Method:
     """The method, with each stage's loss built on dummy counts (so a bad loss name or parameter
     fails before the first stage trains) and one warning naming the set values it never reads."""
     method = get_method(cfg.method)
-    for stage in method.stages:
-        block = getattr(with_overrides(cfg, stage.overrides(cfg)), stage.section)
+    for stage, stage_cfg, _ in plan_method(cfg):
+        block = getattr(stage_cfg, stage.section)
         try:
             build_loss(block.loss, [2, 1], **block.loss_params)
         except LtreproError as exc:
@@ -185,7 +185,7 @@ def run_stage(
         "builder": builder_id(stage),
         "holds": {"model": f"{type(plan.model).__module__}.{type(plan.model).__qualname__}",
                   "readout": type(plan.readout).__name__},  # fmt: skip
-        "final": stage is method.stages[-1],
+        "final": method.is_final(stage),
         "inputs": dict(input_specs),
         "stage_key": key,
         "key_version": KEY_VERSION,

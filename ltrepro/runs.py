@@ -50,22 +50,20 @@ def write_run(run_dir: Path, info: dict) -> None:
     (run_dir / "run.json").write_text(to_json({k: v for k, v in info.items() if k != "run_dir"}))
 
 
-def finished_runs(out_dir: Path) -> list[Path]:
-    """Run directories under ``out_dir`` that finished and kept their checkpoint, newest first."""
-    found = []
+def finished_runs(out_dir: Path) -> dict[Path, dict]:
+    """Run directories under ``out_dir`` that finished and kept their checkpoint, newest first,
+    with their run.json."""
+    found = {}
     for info_path in sorted(out_dir.glob("*/run.json"), reverse=True):
         info = json.loads(info_path.read_text())
         if info.get("status") == "FINISHED" and (info_path.parent / "best.pt").is_file():
-            found.append(info_path.parent)
+            found[info_path.parent] = info
     return found
 
 
 def find_finished(out_dir: Path, key: str) -> Path | None:
     """The newest finished run directory with this stage key."""
-    for run_dir in finished_runs(out_dir):
-        if json.loads((run_dir / "run.json").read_text()).get("stage_key") == key:
-            return run_dir
-    return None
+    return next((run_dir for run_dir, info in finished_runs(out_dir).items() if info.get("stage_key") == key), None)
 
 
 def new_run_dir(out_dir: Path, name: str, fixed: Path | None = None) -> Path:

@@ -78,6 +78,10 @@ class Method:
                 return stage
         raise LtreproError(f"method {self.name!r} has no stage {name!r}; its stages: {[s.name for s in self.stages]}")
 
+    def is_final(self, stage: Stage) -> bool:
+        """Whether ``stage`` makes the method's model (its last stage: what evaluate and export read)."""
+        return stage.name == self.stages[-1].name
+
     def depth(self, stage: Stage) -> int:
         """1 for a stage without inputs, else one more than its deepest input (dvc.yaml's slots)."""
         return 1 + max((self.depth(self.stage(name)) for name in stage.inputs), default=0)
