@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ltrepro.errors import LtreproError
 from ltrepro.runs import read_run
-from ltrepro.tracking import tracking_uri
+from ltrepro.tracking import open_store
 
 INPUT_CACHE = ".ltrepro/inputs"  # MLflow artifacts of input runs, under the project root
 
@@ -33,7 +33,7 @@ def download_run(uri: str, root: Path) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".download-"))
-    mlflow.set_tracking_uri(tracking_uri(root))
+    open_store(root)
     try:
         run_id, _, path = uri.removeprefix("runs:/").strip("/").partition("/")
         if uri.startswith("runs:/"):  # runs:/<id> (the whole run) is not a URI MLflow downloads itself

@@ -135,11 +135,11 @@ def bench_serve(model_uri: str, root: Path, out: Path, repeats: int = 50) -> dic
     from ltrepro.model_registry import image_base64
     from ltrepro.serving.loadtest import request_body, run_load
     from ltrepro.serving.server import mlflow_server
-    from ltrepro.tracking import tracking_uri
+    from ltrepro.tracking import open_store, tracking_uri
     from ltrepro.artifacts import download_run
     from ltrepro.rebuild import load_run
 
-    mlflow.set_tracking_uri(tracking_uri(root))
+    open_store(root)
     onnx_path = next(Path(mlflow.artifacts.download_artifacts(model_uri)).glob("artifacts/*.onnx"))
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     source = session.get_modelmeta().custom_metadata_map["source_run_id"]

@@ -7,31 +7,20 @@ leaves either the previous or the new checkpoint, never half of one. Reading use
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ltrepro.errors import LtreproError
+from ltrepro.files import write_atomic
 
 FORMAT = "ltrepro-checkpoint/1"
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
     """torch.save to a temp file beside ``path``, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save({"format": FORMAT, **state}, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda stream: torch.save({"format": FORMAT, **state}, stream))
 
 
 def load_checkpoint(path: str | Path, required: tuple[str, ...] = ("model",)) -> dict[str, Any]:

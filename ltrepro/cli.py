@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         "a finished run is reused, not retrained.",
     )
     add_config_arguments(train)
-    train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a killed run from its last.pt")
+    train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue that stopped run from its last.pt "
+                       "(a stopped run of the same config is resumed without it)")  # fmt: skip
+    train.add_argument("--restart", action="store_true", help="train afresh instead of resuming a stopped run")
 
     stage = commands.add_parser(
         "stage",
@@ -94,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a run directory whose run.json names the input it is (UNUSED slots are skipped)")  # fmt: skip
     stage.add_argument("--run-dir", type=Path, help="write the run here (default: a new folder in out_dir)")
     stage.add_argument("--metrics", type=Path, help="also write the final metrics as JSON here")
+    stage.add_argument("--restart", action="store_true", help="train afresh instead of resuming a stopped run")
 
     pipeline = commands.add_parser(
         "pipeline",
@@ -206,7 +209,7 @@ def command_prepare(args: argparse.Namespace) -> None:
 def command_train(args: argparse.Namespace) -> None:
     from ltrepro.runner import train
 
-    for result in train(config_files(args), args.overrides, args.resume):
+    for result in train(config_files(args), args.overrides, args.resume, args.restart):
         print_result(result)
 
 
@@ -223,6 +226,7 @@ def command_stage(args: argparse.Namespace) -> None:
     from ltrepro.config import load_config
     from ltrepro.context import get_method, resolve
     from ltrepro.runner import run_named_stage, select_stage
+    from ltrepro.runs import read_run_json, write_run
 
     cfg = resolve(load_config(config_files(args), args.overrides))
     method = get_method(cfg.method)
@@ -233,7 +237,7 @@ def command_stage(args: argparse.Namespace) -> None:
                   "reason": f"{method.name}'s stages sit at depths {depths}"}  # fmt: skip
         target = args.run_dir or Path(cfg.out_dir) / f"unused-{method.name}-{args.stage.replace(':', '-')}"
         target.mkdir(parents=True, exist_ok=True)
-        (target / "run.json").write_text(json.dumps(marker, indent=2) + "\n")
+        write_run(target, marker)
         write_metrics(args.metrics, {})
         print(f"{args.stage}: unused by {method.name} ({marker['reason']}); wrote {target / 'run.json'}")
         return
@@ -241,7 +245,7 @@ def command_stage(args: argparse.Namespace) -> None:
     for directory in args.from_dirs:
         if not (directory / "run.json").is_file():
             raise LtreproError(f"--from {directory}: no run.json there")
-        info = json.loads((directory / "run.json").read_text())
+        info = read_run_json(directory / "run.json")
         if info.get("stage") in stage.inputs:  # a run's own files are checked when it is resolved as an input
             inputs[info["stage"]] = str(directory)
     for text in (item for value in args.input for item in value.split(",") if item):
@@ -249,7 +253,7 @@ def command_stage(args: argparse.Namespace) -> None:
         if not sep or not name or not spec:
             raise LtreproError(f"--input {text!r}: expected NAME=RUN_DIR or NAME=runs:/RUN_ID")
         inputs[name] = spec
-    result = run_named_stage(cfg, project_root(args), stage, inputs, args.run_dir)
+    result = run_named_stage(cfg, project_root(args), stage, inputs, args.run_dir, args.restart)
     print_result(result)
     write_metrics(args.metrics, result.metrics)
 
@@ -416,10 +420,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ltrepro: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        default = "the last finished epoch is kept in last.pt (resume with --resume RUN_DIR)"
-        print(f"ltrepro: interrupted; {exc or default}", file=sys.stderr)
+        print(f"ltrepro: interrupted; {str(exc) or 'nothing was left half-written'}", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if type(exc).__module__.partition(".")[0] not in STORE_MODULES:
+            raise
+        print(f"ltrepro: error: tracking or study store: {one_line(exc)}", file=sys.stderr)
+        return 1
     return 0
+
+
+STORE_MODULES = ("mlflow", "sqlalchemy", "alembic", "sqlite3", "optuna")  # their errors are about a store, not our input
+
+
+def one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -196,7 +198,25 @@ def _describe(tp: Any) -> str:
         return f"a list of {_describe(typing.get_args(tp)[0])}"
     if origin is dict:
         return "a mapping"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+# A number as people write it: 1e-3, 5E-4, 1.0e3, .5, -2. YAML 1.1 reads a float only with a dot
+# and a signed exponent, so 1e-3 and 1.0e3 arrive as strings.
+DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def read_numbers(value: Any) -> Any:
+    """Strings YAML 1.1 leaves unread (1e-3, 5E-4, 1.0e3) as floats, through nested mappings and
+    lists: the free-form blocks (loss_params, tune.space) hold numbers the schema cannot name."""
+    if isinstance(value, str) and EXPONENT.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, dict):
+        return {key: read_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [read_numbers(item) for item in value]
+    return value
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -217,9 +237,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     elif origin is dict:
         if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-            return dict(value)
+            return read_numbers(value)
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, str) and DECIMAL.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -262,7 +284,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise LtreproError(f"override {text!r}: value is not valid YAML ({exc.problem})") from None
+        raise LtreproError(f"override {text!r}: value is not valid YAML ({yaml_problem(exc)})") from None
     return key.split("."), value
 
 
@@ -285,13 +307,20 @@ def set_path(values: dict, path: list[str], value: Any, text: str) -> None:
     node[path[-1]] = value
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (1-based line and column)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(exc, 'problem', None) or ' '.join(str(exc).split())}{where}"
+
+
 def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise LtreproError(f"config file not found: {path}")
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise LtreproError(f"{path}: not valid YAML ({exc})") from None
+        raise LtreproError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
     if not isinstance(values, dict):
         raise LtreproError(f"{path}: expected a mapping of keys, got {type(values).__name__}")
     return values

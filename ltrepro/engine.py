@@ -149,6 +149,7 @@ def fit(
         if hasattr(plan.train_loader, "set_epoch"):
             plan.train_loader.set_epoch(epoch, model)
         train_loss, seconds, seen = run_epoch(plan, scheduler, device, seed, epoch, stage.epochs)
+        raise_if_nonfinite_weights(model, epoch)  # a finite loss can still leave NaN weights behind
         val_top1 = validation_accuracy(plan, val_loader, device, num_classes)
         metrics = {
             "train_loss": train_loss,
@@ -227,6 +228,19 @@ def run_epoch(
     progress.close()
     raise_if_nonfinite(first_bad, epoch)
     return (total / max(step + 1, 1)).item(), time.perf_counter() - start, seen
+
+
+def raise_if_nonfinite_weights(model: nn.Module, epoch: int) -> None:
+    """Refuse to go on (and so to checkpoint) when any weight or buffer is NaN or infinite: one
+    device sync per epoch. The last good epoch stays in ``last.pt`` / ``best.pt``."""
+    tensors = {name: t for name, t in model.state_dict().items() if t.is_floating_point()}
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist() if tensors else []
+    bad = [name for name, ok in zip(tensors, finite) if not ok]
+    if bad:
+        raise LtreproError(
+            f"epoch {epoch + 1} left NaN or infinite values in {len(bad)} weight tensors (first: {bad[0]}); "
+            f"nothing of that epoch was saved; lower the stage's lr"
+        )
 
 
 def raise_if_nonfinite(first_bad: torch.Tensor, epoch: int) -> None:

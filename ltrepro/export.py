@@ -7,7 +7,7 @@ where the model came from. For FFN the graph holds both backbones and the fused 
 
 Every export runs a parity check on a validation batch (ONNX Runtime on CPU against PyTorch
 eager); it fails when the largest logit difference exceeds ``atol * max(1, max |logit|)`` or when
-top-1 agreement falls below 99%. The figures are written to an MLflow run of their own.
+top-1 agreement falls below 99%, and on any non-finite logit. The figures are written to an MLflow run of their own.
 """
 from __future__ import annotations
 
@@ -72,6 +72,8 @@ def parity(model: torch.nn.Module, path: Path, images: torch.Tensor, atol: float
     agreement = float((got.argmax(1) == expected.argmax(1)).mean())
     figures = {"parity_max_abs_diff": max_diff, "parity_tolerance": tolerance, "parity_top1_agreement": agreement,
                "parity_images": float(len(images))}  # fmt: skip
+    if not (np.isfinite(expected).all() and np.isfinite(got).all() and np.isfinite(single).all()):
+        raise LtreproError(f"ONNX parity check failed: the model gives NaN or infinite logits on validation images; {path} is not usable")
     if max_diff > tolerance or agreement < MIN_AGREEMENT:
         raise LtreproError(
             f"ONNX parity check failed on {len(images)} validation images: max |logit diff| {max_diff:.3g} "

@@ -23,7 +23,7 @@ from ltrepro.data import LTData, data_hash, load_data
 from ltrepro.data.loader import make_loader
 from ltrepro.errors import LtreproError
 from ltrepro.evaluate import balanced_accuracy
-from ltrepro.tracking import Tracker, tracking_uri
+from ltrepro.tracking import Tracker, open_store
 
 PYFUNC_CODE = Path(__file__).parent / "serving" / "onnx_pyfunc.py"
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -41,7 +41,10 @@ def onnx_val_top1(onnx_path: Path, data: LTData, batch_size: int = 512) -> float
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     preds, labels = [], []
     for images, targets in make_loader(data, "val", batch_size, torch.device("cpu"), num_workers=0).epoch():
-        preds.append(session.run(["logits"], {"images": images.numpy()})[0].argmax(1))
+        logits = session.run(["logits"], {"images": images.numpy()})[0]
+        if not np.isfinite(logits).all():  # argmax of NaN is 0: a broken model would still get a score
+            raise LtreproError(f"{onnx_path}: the model gives NaN or infinite logits on validation images")
+        preds.append(logits.argmax(1))
         labels.append(targets.numpy())
     return balanced_accuracy(np.concatenate(preds), np.concatenate(labels), data.num_classes)
 
@@ -136,13 +139,16 @@ def promote(cfg: Config, root: Path, version: str | None = None) -> dict:
     ``registry.margin`` points, and log the decision and both figures in an MLflow run."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(root))
+    open_store(root)
     client = mlflow.MlflowClient()
     name = registered_name(cfg.registry, cfg.data.name)
     challenger = contender(client, name, CHALLENGER, version, root)
     champion = contender(client, name, CHAMPION, None, root)
     if champion is not None and champion.version == challenger.version:
         raise LtreproError(f"{name} version {challenger.version} is already the champion")
+    source = client.get_run(challenger.tags["source_run_id"]).info.status
+    if source != "FINISHED":
+        raise LtreproError(f"{name} version {challenger.version}: its stage run is {source}, not FINISHED; it cannot be promoted")
     data = validation_data(challenger.tags["source_run_id"], root)
     split = data_hash(data)
     if champion is not None and champion.tags.get("data_hash") != split:
@@ -152,6 +158,8 @@ def promote(cfg: Config, root: Path, version: str | None = None) -> dict:
             f"be in this validation split, so the two cannot be compared fairly"
         )
     challenger_top1 = onnx_val_top1(challenger.onnx, data)
+    if not np.isfinite(challenger_top1):
+        raise LtreproError(f"{name} version {challenger.version}: validation top-1 is {challenger_top1}; it cannot be promoted")
     champion_top1 = onnx_val_top1(champion.onnx, data) if champion is not None else None
     margin = cfg.registry.margin
     promoted = champion_top1 is None or challenger_top1 > champion_top1 + margin

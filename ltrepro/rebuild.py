@@ -59,6 +59,8 @@ def load_run(run_dir: Path, checkpoint: str = "best.pt", root: Path | None = Non
     """Rebuild a run's model. ``root`` (data and relative inputs) defaults to the run's project
     root; DVC passes the workspace, since a ``dvc exp run --temp`` root no longer exists."""
     info = read_run(run_dir)
+    if info.get("status") != "FINISHED":
+        raise LtreproError(f"{info['run_dir']}: the run is {info.get('status')}, not FINISHED; only a finished run is evaluated or exported")
     run_dir, root = info["run_dir"], root or Path(info["project_root"])
     cfg = resolve(load_config(run_dir / "config.yaml"))
     device = select_device(cfg.device)

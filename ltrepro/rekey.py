@@ -18,7 +18,7 @@ from ltrepro.context import get_method, resolve
 from ltrepro.errors import LtreproError
 from ltrepro.runs import finished_runs, write_run
 from ltrepro.stage_keys import KEY_VERSION, builder_id, stage_key
-from ltrepro.tracking import tracking_uri
+from ltrepro.tracking import open_store
 
 MOVED = {("stage2", "lam"): ("ffn", "lam")}  # keys that moved between blocks since version 1
 
@@ -36,7 +36,7 @@ def rekey_runs(root: Path, out_dir: str, dry_run: bool = False) -> list[dict]:
     """Re-key every finished run under ``root / out_dir``; returns what changed (old key, new key)."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(root))
+    open_store(root)
     runs = {run_dir.resolve(): info for run_dir, info in finished_runs(root / out_dir).items()}
     keys: dict[Path, str] = {}
     changes: list[dict] = []

@@ -15,7 +15,7 @@ import numpy as np
 
 from ltrepro.config import load_config
 from ltrepro.errors import LtreproError
-from ltrepro.tracking import tracking_uri
+from ltrepro.tracking import open_store
 from ltrepro.context import resolve
 from ltrepro.runner import plan_method
 
@@ -48,9 +48,8 @@ def collect(
     grid: dict[str, list[str]] | None = None,
 ) -> dict:  # fmt: skip
     """{row: {seed: metrics or None}} for the final stage of each method at each grid point."""
-    import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(root))
+    open_store(root)
     grid = grid or {}
     results: dict[str, dict[int, dict | None]] = {}
     for point in itertools.product(*grid.values()):

@@ -4,8 +4,12 @@ A stage run: config -> data -> stage plan (model, objective, batches, optimiser,
 readout) from the stage's builder -> fit, selected on validation -> one test read. Everything is
 validated (config, data files, checkpoints) before a run directory or an MLflow run is created,
 so a failed start overwrites nothing. A stage whose key (``ltrepro.stage_keys``) matches a
-FINISHED run is not trained again. Inputs are run directories or MLflow artifact URIs of earlier
-stages; each is rebuilt by the builder that produced it (``ltrepro.rebuild``).
+FINISHED run is not trained again; one whose key matches a stopped run (Ctrl-C, a pruned trial,
+``kill -9``) resumes it from ``last.pt``, unless ``restart`` is asked or ltrepro's code changed since
+it began. Every other stopped run of that key, and any MLflow run of it left RUNNING by a dead
+process, is marked KILLED, so neither the folder nor the MLflow UI keeps zombies. Inputs are run
+directories or MLflow artifact URIs of earlier stages; each is rebuilt by the builder that
+produced it (``ltrepro.rebuild``).
 """
 from __future__ import annotations
 
@@ -26,34 +30,52 @@ from ltrepro.data.loader import make_loader
 from ltrepro.engine import fit
 from ltrepro.errors import LtreproError, RunStopped
 from ltrepro.evaluate import save_plots
+from ltrepro.files import locked
 from ltrepro.losses import build_loss
 from ltrepro.methods import Method, Stage
-from ltrepro.runs import RunResult, find_finished, new_run_dir, read_run, to_json, write_run
+from ltrepro.runs import (
+    RunResult, code_version, find_finished, is_stopped, new_run_dir, owner_alive, process_owner, read_run,
+    read_run_json, to_json, unfinished_runs, write_run,
+)  # fmt: skip
 from ltrepro.scoring import FINAL_METRICS, test_summary
 from ltrepro.stage_keys import KEY_VERSION, builder_id, builder_view, stage_key, unread_settings
-from ltrepro.tracking import Tracker, run_tags, ui_command
+from ltrepro.tracking import OWNER_TAG, Tracker, dead_stage_runs, end_runs, run_tags, ui_command
 
 # Called after every validation pass: (stage name, that epoch's metrics, 0-based epoch).
 EpochHook = Callable[[str, dict, int], None]
 
 
-def train(config_paths: Path | list[Path] | None, overrides: list[str], resume: Path | None = None) -> list[RunResult]:
-    """Run every stage of ``cfg.method``, or finish the killed stage at ``resume`` and go on."""
+# What last.pt must hold for a run to be resumed from it.
+RESUME_STATE = ("model", "optimizer", "scheduler", "torch_rng", "epoch", "best_val", "best_epoch", "history")
+
+
+def train(
+    config_paths: Path | list[Path] | None, overrides: list[str], resume: Path | None = None, restart: bool = False
+) -> list[RunResult]:
+    """Run every stage of ``cfg.method``, resuming a stopped run of a stage where one exists (or,
+    with ``resume``, that run), then going on with the stages after it."""
     if resume is not None:
-        if overrides:
-            raise LtreproError("--resume continues a run with its saved config; drop the overrides")
-        info = read_run(resume)
-        root, run_dir = Path(info["project_root"]), info["run_dir"]
-        required = ("model", "optimizer", "scheduler", "torch_rng", "epoch", "best_val", "best_epoch", "history")
-        state = load_checkpoint(run_dir / "last.pt", required)
-        cfg = resolve(load_config(run_dir / "config.yaml"))
-        method = get_method(info["method"])
-        resumed = (run_dir, info["mlflow_run_id"], state)
-        run_stage(cfg, root, method, method.stage(info["stage"]), info["inputs"], info["stage_key"], resumed, run_dir=run_dir)
-        return run_method(resolve(load_config(run_dir / "method_config.yaml")), root)
+        if overrides or restart:
+            raise LtreproError("--resume continues a run with its saved config; drop the overrides and --restart")
+        info = resumable(read_run(resume))
+        get_method(info["method"]).stage(info["stage"])  # the stage it names must still exist
+        cfg = resolve(load_config(info["run_dir"] / "method_config.yaml"))
+        return run_method(cfg, Path(info["project_root"]), resume_dir=info["run_dir"])
     paths = config_paths if isinstance(config_paths, list) else [config_paths] if config_paths else []
     root = (paths[0].parent if paths else Path.cwd()).resolve()
-    return run_method(resolve(load_config(paths or None, overrides)), root)
+    return run_method(resolve(load_config(paths or None, overrides)), root, restart=restart)
+
+
+def resumable(info: dict) -> dict:
+    """``info`` if its run can be resumed on request: not finished, not trained by a live process."""
+    run_dir, status = info["run_dir"], info.get("status")
+    if status == "FINISHED":
+        raise LtreproError(f"{run_dir}: already FINISHED; nothing to resume")
+    if status == "RUNNING" and owner_alive(info.get("owner")):
+        raise LtreproError(f"{run_dir}: still being trained by process {info['owner'].split('/')[2]}; wait for it or stop it")
+    if not (run_dir / "last.pt").is_file():
+        raise LtreproError(f"{run_dir}: no last.pt (it stopped in its first epoch); run the command again for a fresh run")
+    return info
 
 
 def check_method(cfg: Config) -> Method:
@@ -70,7 +92,27 @@ def check_method(cfg: Config) -> Method:
     if unread:
         what = "it changes" if len(unread) == 1 else "they change"
         print(f"ltrepro: warning: {method.name} never reads {', '.join(unread)}; {what} nothing", file=sys.stderr)
+    for message, _ in inert_settings(cfg):
+        print(f"ltrepro: warning: {message}", file=sys.stderr)
     return method
+
+
+def inert_settings(cfg: Config) -> list[tuple[str, tuple[str, ...]]]:
+    """Settings of cfg.method's stages that can never act, because they switch on at an epoch the
+    stage does not reach: (message, the keys they leave without effect). ``ltrepro tune`` refuses a
+    study over such a key, whose trials would all score the same."""
+    found = []
+    for stage, stage_cfg, _ in plan_method(cfg):
+        name, block = stage.section, getattr(stage_cfg, stage.section)
+        last = f"{name}.epochs is {block.epochs}"
+        if block.fcc > 0 and block.fcc_start_epoch >= block.epochs:
+            found.append((f"{stage.name}: FCC never switches on ({name}.fcc_start_epoch {block.fcc_start_epoch}, {last})", (f"{name}.fcc",)))
+        for param, value in block.loss_params.items():
+            if param.endswith("_epoch") and isinstance(value, int) and value >= block.epochs:
+                found.append((f"{stage.name}: loss {block.loss} never reaches {param} {value} ({last})", (f"{name}.loss_params",)))
+        if block.schedule == "multistep" and block.milestones and min(block.milestones) >= block.epochs:
+            found.append((f"{stage.name}: the lr never decays (milestones {block.milestones}, {last})", (f"{name}.gamma",)))
+    return found
 
 
 def plan_method(cfg: Config) -> list[tuple[Stage, Config, str]]:
@@ -86,23 +128,63 @@ def plan_method(cfg: Config) -> list[tuple[Stage, Config, str]]:
 
 
 def reused(finished: Path, stage: Stage, root: Path) -> RunResult:
-    info = json.loads((finished / "run.json").read_text())
+    info = read_run_json(finished / "run.json")
     metrics = {k: float("nan") if v is None else v for k, v in info.get("metrics", {}).items()}
     print(f"{info['method']}/{stage.name}: reusing finished run {finished.name}", flush=True)
     return RunResult(info["mlflow_run_id"], finished, stage.name, metrics, ui_command(root), True)
 
 
-def run_method(cfg: Config, root: Path, on_epoch: EpochHook | None = None) -> list[RunResult]:
+def run_method(
+    cfg: Config, root: Path, on_epoch: EpochHook | None = None, restart: bool = False, resume_dir: Path | None = None
+) -> list[RunResult]:
+    """Every stage in order: reused when finished, else resumed when stopped (``resume_dir`` first),
+    else trained."""
     method = check_method(cfg)
+    plan = plan_method(cfg)
+    if resume_dir is not None and read_run(resume_dir)["stage_key"] not in {key for _, _, key in plan}:
+        raise LtreproError(f"{resume_dir}: its stage key matches no stage of its saved config (re-key it: ltrepro rekey)")
     done: dict[str, RunResult] = {}
-    for stage, stage_cfg, key in plan_method(cfg):
+    for stage, stage_cfg, key in plan:
         finished = find_finished(root / cfg.out_dir, key)
         if finished is not None:
             done[stage.name] = reused(finished, stage, root)
-        else:
-            inputs = {name: str(done[name].run_dir) for name in stage.inputs}
-            done[stage.name] = run_stage(stage_cfg, root, method, stage, inputs, key, method_cfg=cfg, on_epoch=on_epoch)
+            continue
+        inputs = {name: str(done[name].run_dir) for name in stage.inputs}
+        done[stage.name] = run_stage(stage_cfg, root, method, stage, inputs, key, cfg, None, on_epoch, restart, resume_dir)
     return list(done.values())
+
+
+def claim_stopped_run(
+    cfg: Config, root: Path, key: str, restart: bool = False, prefer: Path | None = None, fixed: Path | None = None
+) -> tuple[Path, dict, dict] | None:
+    """The stopped run of stage key ``key`` to resume, with its last.pt state: ``prefer`` when it has
+    that key, else the newest with a last.pt begun by this code (never another folder than a
+    ``fixed`` run directory); None with ``restart``. It is marked
+    RUNNING by this process at once (under a lock, so two workers never take the same run). Every
+    other stopped run of the key is marked KILLED (run.json and MLflow), as is any MLflow run of it
+    that a dead process left RUNNING. A last.pt that cannot be read fails here, before any change."""
+    (root / ".ltrepro").mkdir(parents=True, exist_ok=True)
+    with locked(root / ".ltrepro" / "claim.lock"):
+        stopped = unfinished_runs(root / cfg.out_dir, key) if fixed is None else {}
+        if prefer is not None and read_run(prefer).get("stage_key") == key:
+            stopped = {prefer: read_run(prefer)} | {d: i for d, i in stopped.items() if d.resolve() != prefer.resolve()}
+        chosen = None
+        for run_dir, info in stopped.items():
+            same_code = run_dir == prefer or info.get("code_version") == code_version()
+            if chosen is None and not restart and same_code and (run_dir / "last.pt").is_file():
+                chosen = run_dir, info, load_checkpoint(run_dir / "last.pt", RESUME_STATE)
+                write_run(run_dir, {**info, "status": "RUNNING", "owner": process_owner()})
+                continue
+            why = (
+                "--restart" if restart else "a newer stopped run is resumed" if chosen
+                else "ltrepro's code changed since it began" if not same_code else "it has no last.pt"
+            )  # fmt: skip
+            print(f"ltrepro: {run_dir.name} of this stage is not resumed ({why}); marked KILLED", file=sys.stderr)
+            write_run(run_dir, {**info, "status": "KILLED", "superseded": True})
+    keep = chosen[1]["mlflow_run_id"] if chosen else None
+    zombies = [info["mlflow_run_id"] for info in stopped.values()] + dead_stage_runs(root, cfg.experiment, key)
+    end_runs(root, [run_id for run_id in zombies if run_id != keep])
+    return chosen
 
 
 def select_stage(method: Method, ref: str) -> Stage | None:
@@ -120,9 +202,11 @@ def select_stage(method: Method, ref: str) -> Stage | None:
 
 
 def run_named_stage(
-    cfg: Config, root: Path, stage: Stage, input_specs: dict[str, str], run_dir: Path | None = None
+    cfg: Config, root: Path, stage: Stage, input_specs: dict[str, str], run_dir: Path | None = None, restart: bool = False
 ) -> RunResult:
-    """Train one stage of cfg.method; inputs not given are the finished runs of this config."""
+    """Train one stage of cfg.method (or resume its stopped run); inputs not given are the finished
+    runs of this config. A fixed ``run_dir`` (DVC's outs) is resumed when it holds a stopped run
+    of the same stage key."""
     method = check_method(cfg)
     planned = {planned.name: (stage_cfg, key) for planned, stage_cfg, key in plan_method(cfg)}
     unexpected = sorted(set(input_specs) - set(stage.inputs))
@@ -141,7 +225,9 @@ def run_named_stage(
     input_keys = {name: read_run(path)["stage_key"] for name, path in resolve_inputs(specs, root).items()}
     stage_cfg = planned[stage.name][0]
     key = stage_key(stage_cfg, stage, input_keys)
-    return run_stage(stage_cfg, root, method, stage, specs, key, method_cfg=cfg, run_dir=run_dir)
+    held = run_dir is not None and (run_dir / "run.json").is_file()
+    prefer = run_dir if held and is_stopped(read_run(run_dir)) else None
+    return run_stage(stage_cfg, root, method, stage, specs, key, cfg, run_dir, restart=restart, prefer=prefer)
 
 
 def run_stage(
@@ -151,23 +237,31 @@ def run_stage(
     stage: Stage,
     input_specs: dict[str, str],
     key: str,
-    resumed: tuple[Path, str, dict] | None = None,
     method_cfg: Config | None = None,
     run_dir: Path | None = None,
     on_epoch: EpochHook | None = None,
+    restart: bool = False,
+    prefer: Path | None = None,
 ) -> RunResult:
-    """Train one stage (or finish it from ``resumed`` = (run_dir, mlflow run id, last.pt state)).
+    """Train one stage, or finish its stopped run from last.pt (``claim_stopped_run``; ``prefer``:
+    the run to resume, e.g. ``--resume``'s; ``restart``: resume none). A fixed ``run_dir`` (DVC's
+    outs) must be empty unless it is the run resumed.
 
-    A ``RunStopped`` (a pruned trial) or Ctrl-C ends the MLflow run as KILLED, any other error as
-    FAILED; ``last.pt`` keeps the last finished epoch either way."""
+    A ``RunStopped`` (a pruned trial) or Ctrl-C ends the run KILLED (resumable), any other error
+    FAILED, in run.json and in MLflow alike; ``last.pt`` keeps the last finished epoch either way."""
     device = select_device(cfg.device)
     torch.manual_seed(cfg.seed)
     data = load_data(cfg.data, cfg.seed, root)
     inputs = resolve_inputs(input_specs, root)
     plan = stage.build(builder_view(cfg, method, stage), data, inputs, device)
-    _, run_id, state = resumed if resumed else (None, None, None)
-    if state is not None:
+    stopped = claim_stopped_run(cfg, root, key, restart, prefer, run_dir)  # after every check: a bad start changes nothing
+    state, previous_run_id = None, None
+    if stopped is not None:
+        run_dir, previous, state = stopped
+        previous_run_id = previous["mlflow_run_id"]
         load_weights(plan.model, state["model"], run_dir / "last.pt")
+        print(f"{method.name}/{stage.name}: resuming {run_dir} after epoch {state['epoch'] + 1} "
+              f"(it was {previous['status']}; --restart starts a fresh run)", flush=True)  # fmt: skip
     else:
         name = f"{method.name}-{stage.name}-{cfg.data.name}-{cfg.model.name}-s{cfg.seed}"
         run_dir = new_run_dir(root / cfg.out_dir, name, run_dir)
@@ -176,7 +270,7 @@ def run_stage(
     if device.type == "cuda":
         plan.model = plan.model.to(memory_format=torch.channels_last)
 
-    tracker = Tracker(root, cfg.experiment, run_dir.name, run_id)
+    tracker = Tracker(root, cfg.experiment, run_dir.name, previous_run_id)
     info = {
         "mlflow_run_id": tracker.run_id,
         "project_root": str(root),
@@ -189,11 +283,19 @@ def run_stage(
         "inputs": dict(input_specs),
         "stage_key": key,
         "key_version": KEY_VERSION,
+        "code_version": code_version(),
+        "owner": process_owner(),
         "status": "RUNNING",
     }
-    if state is None:
-        write_run(run_dir, info)
+    write_run(run_dir, info)
+    if tracker.run_id != previous_run_id:  # a new run, or a resume logged into the run `mlflow run` opened
         record_inputs(tracker, cfg, data, run_dir, root, device, method, stage, inputs, key)
+        for entry in state["history"] if state else []:
+            tracker.log_metrics({k: v for k, v in entry.items() if k != "epoch"}, entry["epoch"])
+        if previous_run_id:
+            tracker.set_tags({"resumed_from_run_id": previous_run_id})
+            end_runs(root, [previous_run_id])
+    tracker.set_tags({OWNER_TAG: info["owner"]})
 
     def per_epoch(metrics: dict, epoch: int) -> None:
         tracker.log_metrics(metrics, epoch)
@@ -204,10 +306,17 @@ def run_stage(
         metrics = train_and_test(cfg, data, plan, stage.section, device, run_dir, tracker, state, per_epoch)
         write_run(run_dir, {**info, "status": "FINISHED", "metrics": metrics})
         tracker.log_artifact(run_dir / "run.json")
-    except (KeyboardInterrupt, RunStopped):
+    except (KeyboardInterrupt, RunStopped) as exc:
+        write_run(run_dir, {**info, "status": "KILLED"})
         tracker.end("KILLED")
-        raise
-    except BaseException:
+        if isinstance(exc, RunStopped):
+            raise
+        raise KeyboardInterrupt(
+            f"{method.name}/{stage.name} stopped; {run_dir}/last.pt keeps its last finished epoch: run the same "
+            f"command again to resume it (--restart for a fresh run)"
+        ) from None
+    except BaseException as exc:
+        write_run(run_dir, {**info, "status": "FAILED", "error": " ".join(str(exc).split())[:500] or type(exc).__name__})
         tracker.end("FAILED")
         raise
     tracker.end()

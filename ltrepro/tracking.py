@@ -3,20 +3,60 @@
 The default store is ``sqlite:///<absolute project root>/mlflow.db`` (this MLflow refuses the
 file store, and a relative URI breaks under ``dvc exp run --temp``); ``MLFLOW_TRACKING_URI``
 overrides it. Artifacts go to ``<project root>/mlartifacts``.
+
+A new sqlite store gets its schema on first use; processes starting together on a fresh clone
+(``dvc queue start --jobs 3``, tuning workers) would race to create it, so ``open_store`` creates it
+once under a file lock beside the database, and every command opens the store through it.
 """
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import subprocess
+from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ltrepro.files import locked
+
 
 def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def sqlite_lock(url: str) -> AbstractContextManager:
+    """An exclusive lock on ``<database>.lock`` for a ``sqlite:///`` URL (MLflow's or Optuna's),
+    held while a process creates the schema; other URLs (a server, PostgreSQL) need none."""
+    database = Path(url.removeprefix("sqlite:///"))
+    # without the database's folder there is nothing to create: the store's own error names it
+    return locked(database.with_name(database.name + ".lock")) if url.startswith("sqlite:///") and database.parent.is_dir() else nullcontext()
+
+
+READY_STORES: set[str] = set()  # stores this process has opened (their schema exists)
+
+
+def open_store(root: Path, experiment: str | None = None) -> str:
+    """Point MLflow at the project's store (and ``experiment``, created if new), creating the store's
+    tables under ``sqlite_lock`` the first time; returns the tracking URI."""
+    import mlflow
+
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    if uri in READY_STORES and experiment is None:
+        return uri
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial tables ..." is noise
+    with sqlite_lock(uri):
+        client = mlflow.MlflowClient()
+        client.search_experiments(max_results=1)  # the tracking tables
+        client.search_registered_models(max_results=1)  # the registry's, in the same database
+        if experiment is not None and client.get_experiment_by_name(experiment) is None:
+            client.create_experiment(experiment, artifact_location=(root / "mlartifacts").resolve().as_uri())
+    READY_STORES.add(uri)
+    return uri
 
 
 def ui_command(root: Path) -> str:
@@ -61,14 +101,15 @@ class Tracker:
         import mlflow
 
         self.mlflow, self.root = mlflow, root
-        mlflow.set_tracking_uri(tracking_uri(root))
-        if run_id is None and os.environ.get("MLFLOW_RUN_ID"):
-            # `mlflow run` opened this run in the experiment it was given; log into it as it is.
-            self.run = mlflow.start_run()
+        project_run = os.environ.get("MLFLOW_RUN_ID")
+        if project_run and mlflow.active_run() is None:
+            # `mlflow run` opened this run in the experiment it was given; log into it as it is,
+            # also when resuming (the stopped run's history is then copied into it).
+            open_store(root)
+            self.run = mlflow.start_run(run_id=project_run)
             mlflow.set_tag("mlflow.runName", run_name)
         else:
-            if mlflow.get_experiment_by_name(experiment) is None:
-                mlflow.create_experiment(experiment, artifact_location=(root / "mlartifacts").resolve().as_uri())
+            open_store(root, experiment)
             mlflow.set_experiment(experiment)
             nested = mlflow.active_run() is not None
             self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested)
@@ -95,6 +136,39 @@ class Tracker:
 
     def ui_command(self) -> str:
         return ui_command(self.root)
+
+
+def end_runs(root: Path, run_ids: Iterable[str], status: str = "KILLED") -> None:
+    """Mark MLflow runs that are still RUNNING as ``status`` (runs found dead or superseded)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    open_store(root)
+    client = mlflow.MlflowClient()
+    for run_id in run_ids:
+        try:
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, status)
+        except MlflowException:  # a run deleted from the store meanwhile has nothing to end
+            continue
+
+
+def dead_stage_runs(root: Path, experiment: str, key: str) -> list[str]:
+    """RUNNING MLflow runs of stage key ``key`` whose owner process is gone (a ``kill -9``, also of
+    a DVC stage whose run directory DVC has since removed)."""
+    import mlflow
+
+    from ltrepro.runs import owner_alive
+
+    open_store(root, experiment)
+    found = mlflow.search_runs(
+        experiment_names=[experiment], filter_string=f"tags.stage_key = '{key}' and attributes.status = 'RUNNING'",
+        output_format="list",
+    )  # fmt: skip
+    return [run.info.run_id for run in found if owner_alive(run.data.tags.get(OWNER_TAG)) is False]
+
+
+OWNER_TAG = "ltrepro_owner"  # the process that trains a stage run (``runs.process_owner``)
 
 
 def step_tracker(run, root: Path | None, step: str, device: torch.device) -> Tracker:

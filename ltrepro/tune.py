@@ -9,12 +9,20 @@ stop bad trials. Stages a trial's values do not change (FFN's two stage-1 backbo
 
 MLflow: one parent run per study (tag ``optuna_study``), each trial a nested run with its params,
 intermediate values, final value and state, and the trial's stage runs nested under it. A pruned
-trial ends KILLED, a crashed one FAILED; the study goes on. Storage is any RDB URL: sqlite by
-default, a PostgreSQL URL unchanged for workers on several machines (``--resume`` joins a study).
+trial ends KILLED, a crashed or interrupted one FAILED (FAIL in Optuna); the study goes on after a
+crash. Storage is any RDB URL: sqlite by default, a PostgreSQL URL unchanged for workers on several
+machines (``--resume`` joins a study).
+
+Resuming and joining: trial n draws its values from seed (``tune.sampler_seed``, n), and trial
+numbers are unique in a study, so a resumed or added worker continues the search instead of
+replaying its first trials. A trial left RUNNING by a dead worker is failed when a worker opens
+the study (at once on the same machine, by its owner process; after Optuna's heartbeat grace
+period on another one), so it is counted and shown as FAILED.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import signal
 import tempfile
 import threading
@@ -23,18 +31,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import optuna
 import yaml
 
 from ltrepro.config import Config, flatten, load_config, unflatten, with_overrides
 from ltrepro.errors import LtreproError, RunStopped
 from ltrepro.methods import Method, Tunable
-from ltrepro.tracking import Tracker, tracking_uri
+from ltrepro.tracking import Tracker, end_runs, open_store, sqlite_lock
 from ltrepro.context import get_method, resolve
-from ltrepro.runner import plan_method, run_method
+from ltrepro.runner import inert_settings, plan_method, run_method
+from ltrepro.runs import owner_alive, process_owner
 
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 MAX_FAILURES_IN_A_ROW = 3  # a crashed trial does not end the study; three in a row mean a real bug
+HEARTBEAT_SECONDS, GRACE_SECONDS = 60, 180  # a trial silent for the grace period is failed (any machine)
 
 
 class StopAfterFailures:
@@ -52,6 +63,47 @@ class StopAfterFailures:
 
 class TrialPruned(RunStopped, optuna.TrialPruned):
     """Optuna's pruning signal, which also ends the stage's MLflow run as KILLED."""
+
+
+class TrialInterrupted(Exception):
+    """Ctrl-C during a trial: Optuna records it FAIL (as its MLflow run), and the study stops after it."""
+
+
+class QuietInterruptedTrial(logging.Filter):
+    """Drops Optuna's traceback of an interrupted trial; ``tune`` says what happened in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], TrialInterrupted))
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """TPE whose random draws for trial n come from seed (``seed``, n). One seed per worker start
+    would replay the same draws on every resume and in every added worker; trial numbers are unique
+    across workers (the storage hands them out), so this continues the search instead."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed, self.number, self.tpe = seed, None, None
+
+    def for_trial(self, trial: optuna.trial.FrozenTrial) -> optuna.samplers.TPESampler:
+        if trial.number != self.number:
+            derived = int(np.random.SeedSequence([self.seed, trial.number]).generate_state(1)[0])
+            self.number, self.tpe = trial.number, optuna.samplers.TPESampler(seed=derived)
+        return self.tpe
+
+    def infer_relative_search_space(self, study, trial):
+        return self.for_trial(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self.for_trial(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.for_trial(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial) -> None:
+        self.for_trial(trial).before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.for_trial(trial).after_trial(study, trial, state, values)
 
 
 def search_space(cfg: Config, method: Method) -> list[Tunable]:
@@ -74,6 +126,11 @@ def search_space(cfg: Config, method: Method) -> list[Tunable]:
     for tunable in declared.values():
         for bound in (tunable.low, tunable.high):
             with_overrides(cfg, unflatten({tunable.key: bound}))  # a bound the config rejects fails now
+    at_high = with_overrides(cfg, unflatten({t.key: t.high for t in declared.values()}))  # every tunable switched on
+    for message, keys in inert_settings(at_high):
+        tuned = sorted(set(keys) & set(declared))
+        if tuned:
+            raise LtreproError(f"tune: {message}, so {tuned[0]} cannot act and every trial would score the same")
     return list(declared.values())
 
 
@@ -87,7 +144,10 @@ def open_storage(url: str, attempts: int = 3) -> optuna.storages.RDBStorage:
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # workers wait for the lock
     for attempt in range(attempts):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+            with sqlite_lock(url):  # the first worker creates the tables while the others wait
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS
+                )
         except Exception as exc:  # SQLAlchemy and drivers raise many types (bad URL, no server, no driver)
             if attempt + 1 < attempts and not isinstance(exc, (ImportError, ValueError)):
                 time.sleep(1.0 + attempt)
@@ -107,7 +167,7 @@ def make_pruner(cfg: Config, final_epochs: int) -> optuna.pruners.BasePruner:
 
 
 def open_study(cfg: Config, name: str, url: str, final_epochs: int, resume: bool) -> optuna.Study:
-    sampler = optuna.samplers.TPESampler(seed=cfg.seed if cfg.tune.sampler_seed is None else cfg.tune.sampler_seed)
+    sampler = TrialSeededSampler(cfg.seed if cfg.tune.sampler_seed is None else cfg.tune.sampler_seed)
     storage = open_storage(url)
     try:
         study = optuna.create_study(
@@ -124,16 +184,38 @@ def open_study(cfg: Config, name: str, url: str, final_epochs: int, resume: bool
     return study
 
 
+def fail_dead_trials(study: optuna.Study, root: Path) -> list[int]:
+    """Fail the RUNNING trials whose worker process on this machine is gone, in Optuna and MLflow."""
+    dead = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            if owner_alive(t.user_attrs.get("owner")) is False]  # fmt: skip
+    for trial in dead:
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        print(f"study {study.study_name}: trial {trial.number} was left RUNNING by a dead worker; marked FAIL")
+    end_runs(root, [t.user_attrs["mlflow_run_id"] for t in dead if "mlflow_run_id" in t.user_attrs], "FAILED")
+    return [trial.number for trial in dead]
+
+
 def study_run_id(cfg: Config, root: Path, name: str) -> str | None:
     """The study's parent MLflow run, so a resumed study logs into the same one."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(root))
+    open_store(root)
     runs = mlflow.search_runs(
         experiment_names=[cfg.experiment], filter_string=f"tags.optuna_study = '{name}' and tags.optuna_role = 'study'",
         output_format="list", max_results=1,
     )  # fmt: skip
     return runs[0].info.run_id if runs else None
+
+
+@contextmanager
+def quiet_interrupted_trials() -> Iterator[None]:
+    quiet = QuietInterruptedTrial()
+    logger = logging.getLogger("optuna.study._optimize")
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 class Interrupt:
@@ -174,6 +256,8 @@ def make_objective(cfg: Config, root: Path, space: list[Tunable], study_name: st
         values = {t.key: trial.suggest_float(t.key, t.low, t.high, log=t.log) for t in space}
         trial_cfg = with_overrides(cfg, unflatten(values))
         run = Tracker(root, cfg.experiment, f"{study_name}-trial-{trial.number}")
+        trial.set_user_attr("owner", process_owner())
+        trial.set_user_attr("mlflow_run_id", run.run_id)
         run.set_tags({"optuna_study": study_name, "optuna_trial": str(trial.number), "optuna_role": "trial"})
         run.log_params(values)
         client = mlflow.MlflowClient()
@@ -189,10 +273,15 @@ def make_objective(cfg: Config, root: Path, space: list[Tunable], study_name: st
 
         try:
             results = run_method(trial_cfg, root, report)
-        except (TrialPruned, KeyboardInterrupt):
+        except TrialPruned:
             client.set_tag(run.run_id, "optuna_state", "PRUNED")
             run.end("KILLED")
             raise
+        except KeyboardInterrupt:
+            client.set_tag(run.run_id, "optuna_state", "FAIL")
+            run.end("FAILED")
+            interrupt.requested = True  # the study stops after Optuna has recorded this trial
+            raise TrialInterrupted(f"trial {trial.number} interrupted") from None
         except BaseException:
             client.set_tag(run.run_id, "optuna_state", "FAIL")
             run.end("FAILED")
@@ -222,11 +311,12 @@ def tune(config_paths: list[Path] | None, overrides: list[str], root: Path, resu
     parent.set_tags({"optuna_study": name, "optuna_role": "study", "optuna_storage": url, "method": cfg.method})
     parent.log_params({"study": name, "method": cfg.method, "trials": cfg.tune.trials, "pruner": cfg.tune.pruner,
                        **{f"space.{t.key}": f"[{t.low}, {t.high}]{' log' if t.log else ''}" for t in space}})  # fmt: skip
+    fail_dead_trials(study, root)
     finished = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
     start, interrupt = time.perf_counter(), Interrupt()
     try:
         if finished < cfg.tune.trials:  # runs until the study holds tune.trials finished trials
-            with interrupt.installed():
+            with interrupt.installed(), quiet_interrupted_trials():
                 study.optimize(
                     make_objective(cfg, root, space, name, interrupt), catch=(Exception,),
                     callbacks=[optuna.study.MaxTrialsCallback(cfg.tune.trials, states=FINISHED_STATES),
@@ -249,6 +339,10 @@ def summarize_study(study: optuna.Study, cfg: Config, root: Path, name: str, par
     if not completed:
         print(f"study {name}: no trial completed yet ({counts})")
         return summary
+    if len(completed) > 1 and len({trial.value for trial in completed}) == 1:
+        summary["warning"] = (f"all {len(completed)} completed trials scored {completed[0].value:.2f}: the tuned values "
+                              f"did not change the result (does the schedule let them act?)")  # fmt: skip
+        print(f"study {name}: warning: {summary['warning']}")
     best = study.best_trial
     best_file = write_best(cfg, root, name, best)
     parent.log_metrics({"best_value": best.value})

@@ -33,7 +33,7 @@ def test_flatten_gives_dotted_keys():
         ("stage1.lrx=1", "unknown key stage1.lrx; allowed: epochs"),
         ("nope=1", "unknown key nope"),
         ("data.augment.zoom=2", "unknown key data.augment.zoom"),
-        ("stage1.lr=fast", "stage1.lr: got 'fast', expected a number"),
+        ("stage1.lr=fast", "stage1.lr: got 'fast', expected a finite number"),
         ("stage1.epochs=2.5", "stage1.epochs: got 2.5, expected an integer"),
         ("stage1.nesterov=1", "stage1.nesterov: got 1, expected true or false"),
         ("stage1.schedule=linear", "stage1.schedule: got 'linear', expected one of 'cosine', 'multistep'"),
@@ -114,3 +114,71 @@ def test_a_registered_block_is_a_validated_top_level_key():
         unregister_block("toy_block")
     with pytest.raises(LtreproError, match="unknown key toy_block"):
         load_config(None, ["toy_block.width=5"])
+
+
+def float_fields(cls=None, prefix=""):
+    """(key, low, high) of every float field of the config, nested blocks included."""
+    import dataclasses
+    import typing
+
+    from ltrepro.config import config_class
+
+    cls = cls or config_class()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from float_fields(hints[f.name], f"{prefix}{f.name}.")
+        elif hints[f.name] in (float, float | None):
+            yield f"{prefix}{f.name}", f.metadata.get("min"), f.metadata.get("max")
+
+
+def in_range(low, high):
+    """A value with three significant digits inside [low, high]."""
+    low = 0.0 if low is None else low
+    return round(low + 0.125, 3) if high is None or high >= low + 0.125 else (low + high) / 2
+
+
+SCIENTIFIC = {  # value -> text; YAML 1.1 reads only the last as a float
+    "1e-3 form": lambda v: f"{round(v * 1000)}e-3",
+    "5E-4 form": lambda v: f"{round(v * 1000)}E-3",
+    "unsigned exponent": lambda v: f"{v}e0",
+    "dot and signed exponent": lambda v: f"{v * 10:.4f}e-1",
+}
+
+
+@pytest.mark.parametrize("form", SCIENTIFIC)
+def test_every_float_field_takes_scientific_notation_from_overrides_and_yaml(tmp_path, form):
+    fields = list(float_fields())
+    assert {"stage1.lr", "stage2.lr", "stage1.sam.rho", "data.imbalance", "registry.margin"} <= {k for k, _, _ in fields}
+    for key, low, high in fields:
+        text = SCIENTIFIC[form](in_range(low, high))
+        parts = key.split(".")
+        yaml_text = "".join(f"{'  ' * depth}{part}:\n" for depth, part in enumerate(parts[:-1]))
+        (tmp_path / "p.yaml").write_text(yaml_text + f"{'  ' * (len(parts) - 1)}{parts[-1]}: {text}\n")
+        for cfg in (load_config(None, [f"{key}={text}"]), load_config(tmp_path / "p.yaml")):
+            node = cfg
+            for part in parts:
+                node = getattr(node, part)
+            assert node == pytest.approx(float(text)), (key, text)
+
+
+def test_numbers_in_free_form_blocks_and_cli_forms_take_scientific_notation():
+    from ltrepro.cli import split_overrides
+
+    rest, overrides = split_overrides(["train", "--stage1.lr", "1e-3", "--stage1.weight_decay=5E-4"])
+    cfg = load_config(None, [*overrides, "stage1.loss_params={beta: 1e-4}", "tune.space={ffn: {lam: [1e-2, 9E-1]}}"])
+    assert (cfg.stage1.lr, cfg.stage1.weight_decay) == (0.001, 0.0005) and rest == ["train"]
+    assert cfg.stage1.loss_params == {"beta": 0.0001} and cfg.tune.space == {"ffn": {"lam": [0.01, 0.9]}}
+    with pytest.raises(LtreproError, match="stage1.lr: got 'inf', expected a finite number"):
+        load_config(None, ["stage1.lr=inf"])
+    with pytest.raises(LtreproError, match="expected a finite number"):
+        load_config(None, ["stage1.lr=1e400"])
+
+
+def test_a_yaml_syntax_error_is_one_line(tmp_path, capsys):
+    from ltrepro.cli import main
+
+    (tmp_path / "params.yaml").write_text("seed: 1\nstage1:\n  lr: [0.1\n  epochs: 3\n")
+    assert main(["train", "--config", str(tmp_path / "params.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "params.yaml: not valid YAML (" in err and "at line" in err

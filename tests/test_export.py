@@ -9,7 +9,8 @@ import torch
 
 from ltrepro.cli import main
 from ltrepro.errors import LtreproError
-from ltrepro.export import export_run, parity
+from ltrepro.export import export_run, parity, to_onnx
+from ltrepro.model_registry import onnx_val_top1
 from ltrepro.rebuild import load_run
 from ltrepro.runner import train
 
@@ -46,6 +47,17 @@ def test_parity_check_fails_loudly_on_a_different_model(project, tmp_path):
     stage1 = load_run(runs[0].run_dir).model.cpu()  # same architecture, other weights
     with pytest.raises(LtreproError, match="ONNX parity check failed on 8 validation images"):
         parity(stage1, out, torch.randn(8, 1, 28, 28), 1e-3)
+    # A model with NaN weights: NaN - NaN is no difference at all, so every non-finite logit fails it.
+    broken = load_run(runs[-1].run_dir).model.cpu()
+    with torch.no_grad():
+        for parameter in broken.parameters():
+            parameter.fill_(float("nan"))
+    nan_file = tmp_path / "nan.onnx"
+    to_onnx(broken, torch.zeros(2, 1, 28, 28), nan_file, {})
+    with pytest.raises(LtreproError, match="NaN or infinite logits"):
+        parity(broken, nan_file, torch.randn(8, 1, 28, 28), 1e-3)
+    with pytest.raises(LtreproError, match="NaN or infinite logits on validation images"):  # promote's figure
+        onnx_val_top1(nan_file, load_run(runs[-1].run_dir).data)
 
 
 def test_export_cli_writes_metrics_and_refuses_bad_runs(project, tmp_path, capsys):

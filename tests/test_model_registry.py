@@ -1,6 +1,9 @@
 """Export registers a pyfunc version as challenger; promote moves champion only on a real win."""
+import json
+
 import mlflow
 import pytest
+import torch
 import yaml
 
 from ltrepro import model_registry
@@ -72,3 +75,34 @@ def test_promote_refuses_a_champion_from_another_split(project, tmp_path, capsys
     assert "champion v1 was trained on another split" in capsys.readouterr().err
     assert main(["promote", "--config", str(project / "params.yaml"), "--version", "9"]) == 2
     assert f"model {NAME} version 9:" in capsys.readouterr().err
+
+
+def test_a_model_that_diverged_never_reaches_the_registry(project, capsys):
+    """The chain of the reliability issue: at lr 1e6 epoch 1 is finite and kept as best.pt, then
+    epoch 2's loss stays finite but leaves NaN weights. The run ends FAILED with nothing of epoch 2
+    saved, and evaluate, export and promote refuse it although it has a best.pt."""
+    params = ["--config", str(project / "params.yaml")]
+    assert main(["train", *params, "stage1.lr=1000000", "stage1.epochs=3", "stage1.batch_size=64"]) == 2
+    assert "epoch 2 left NaN or infinite values in" in capsys.readouterr().err
+    (run_dir,) = (project / "runs").iterdir()
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "FAILED"
+    best = torch.load(run_dir / "best.pt", weights_only=True)
+    assert best["epoch"] == 0 and all(torch.isfinite(t).all() for t in best["model"].values() if t.is_floating_point())
+    assert mlflow.search_runs(experiment_names=["ltrepro"], output_format="list")[0].info.status == "FAILED"
+    for command in (["evaluate", str(run_dir)], ["export", str(run_dir)]):
+        assert main(command) == 2
+        assert "the run is FAILED, not FINISHED" in capsys.readouterr().err
+    assert main(["promote", *params]) == 2
+    assert "not found" in capsys.readouterr().err
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        mlflow.MlflowClient().get_registered_model(NAME)
+
+
+def test_promote_refuses_a_challenger_whose_stage_run_did_not_finish(project, tmp_path, capsys):
+    final = train(project / "params.yaml", FAST)[-1]
+    export_run(str(final.run_dir), tmp_path / "m.onnx", None)
+    mlflow.MlflowClient().set_terminated(final.run_id, "FAILED")  # e.g. marked after the fact
+    assert main(["promote", "--config", str(project / "params.yaml")]) == 2
+    assert f"{NAME} version 1: its stage run is FAILED, not FINISHED" in capsys.readouterr().err
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        mlflow.MlflowClient().get_model_version_by_alias(NAME, "champion")

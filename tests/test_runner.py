@@ -1,5 +1,12 @@
-"""Stage-1 runs on the tiny project: resume equality, one test read, failed starts, bad checkpoints."""
+"""Stage-1 runs on the tiny project: resume equality (Ctrl-C and kill -9), finding stopped runs,
+one test read, failed starts, bad and malicious checkpoints, NaN weights."""
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -24,6 +31,14 @@ def run_dirs(project):
     return sorted(p for p in (project / "runs").iterdir()) if (project / "runs").exists() else []
 
 
+def stopped_run(project):
+    """A one-epoch run marked KILLED, as Ctrl-C after its last epoch leaves it."""
+    (result,) = train(project / "params.yaml", ["stage1.epochs=1"])
+    info = json.loads((result.run_dir / "run.json").read_text())
+    (result.run_dir / "run.json").write_text(json.dumps({**info, "status": "KILLED"}))
+    return result
+
+
 def test_resume_after_kill_equals_uninterrupted_run(project, monkeypatch):
     (full,) = train(project / "params.yaml", ["out_dir=uninterrupted"])
     calls = {"n": 0}
@@ -41,7 +56,7 @@ def test_resume_after_kill_equals_uninterrupted_run(project, monkeypatch):
     monkeypatch.setattr(engine, "validation_accuracy", real_validation)
     (killed,) = run_dirs(project)
     assert torch.load(killed / "last.pt", weights_only=True)["epoch"] == 1
-    assert json.loads((killed / "run.json").read_text())["status"] == "RUNNING"
+    assert json.loads((killed / "run.json").read_text())["status"] == "KILLED"
     (resumed,) = train(None, [], resume=killed)
 
     assert resumed.run_dir == killed
@@ -146,7 +161,7 @@ def test_bad_config_fails_before_anything_is_written(project, capsys):
     ],
 )
 def test_bad_checkpoint_on_resume_is_one_line_and_loses_nothing(project, capsys, content, message):
-    (result,) = train(project / "params.yaml", ["stage1.epochs=1"])
+    result = stopped_run(project)
     last = result.run_dir / "last.pt"
     if content is None:
         torch.save({"state_dict": {"w": torch.zeros(1)}}, last)
@@ -163,7 +178,7 @@ def test_bad_checkpoint_on_resume_is_one_line_and_loses_nothing(project, capsys,
 
 
 def test_checkpoint_of_another_model_is_refused(project, capsys):
-    (result,) = train(project / "params.yaml", ["stage1.epochs=1"])
+    result = stopped_run(project)
     state = torch.load(result.run_dir / "last.pt", weights_only=True)
     state["model"] = {k: v[..., :1] if v.ndim else v for k, v in state["model"].items()}
     torch.save(state, result.run_dir / "last.pt")
@@ -198,6 +213,159 @@ def test_run_json_from_elsewhere_is_one_line(project, capsys):
     capsys.readouterr()
     assert main(["evaluate", str(result.run_dir)]) == 2
     assert "lacks method, stage, inputs, stage_key" in capsys.readouterr().err
-    (result.run_dir / "run.json").write_text(json.dumps({**info, "stage": "stage9"}))
+    (result.run_dir / "run.json").write_text(json.dumps({**info, "stage": "stage9", "status": "KILLED"}))
     assert main(["train", "--resume", str(result.run_dir)]) == 2
     assert "method 'ce' has no stage 'stage9'" in capsys.readouterr().err
+
+
+def killed_mid_run(project, *args):
+    """Start ``ltrepro ARGS`` as its own process and ``kill -9`` it once an epoch has been saved."""
+    command = [sys.executable, "-m", "ltrepro", *args, "--config", str(project / "params.yaml")]
+    worker = subprocess.Popen(command, cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    saved = lambda: [*project.glob("runs/*/last.pt"), *project.glob("models/*/last.pt")]  # noqa: E731
+    while not saved():
+        assert worker.poll() is None and time.time() < deadline, worker.stderr and worker.stderr.read()
+        time.sleep(0.02)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    (last,) = saved()
+    return last.parent
+
+
+def mlflow_statuses():
+    import mlflow
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])  # this test's store, not the last one used
+    return sorted(run.info.status for run in mlflow.search_runs(experiment_names=["ltrepro"], output_format="list"))
+
+
+LONG = ["stage1.epochs=12"]  # long enough for the kill to land mid-run
+
+
+def test_kill_9_then_the_same_command_resumes_the_run(project, capsys):
+    (full,) = train(project / "params.yaml", ["out_dir=uninterrupted", *LONG])
+    killed = killed_mid_run(project, "train", *LONG)
+    assert json.loads((killed / "run.json").read_text())["status"] == "RUNNING"  # as the kill left it
+    capsys.readouterr()
+    (resumed,) = train(project / "params.yaml", LONG)  # no --resume: the runner finds it by stage key
+    assert resumed.run_dir == killed and not resumed.reused
+    assert f"resuming {killed} after epoch" in capsys.readouterr().out
+    for name in ("last.pt", "best.pt"):
+        a, b = weights(full.run_dir / name), weights(killed / name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert mlflow_statuses() == ["FINISHED", "FINISHED"]  # the killed run was resumed, not left RUNNING
+    assert [p for p in run_dirs(project)] == [killed]
+    assert not list(project.glob("**/.*.tmp"))  # no temporary file left by the kill
+
+
+def test_restart_marks_the_stopped_run_killed_and_trains_afresh(project, capsys):
+    killed = killed_mid_run(project, "train", *LONG)
+    capsys.readouterr()
+    assert main(["train", "--config", str(project / "params.yaml"), *LONG, "--restart"]) == 0
+    assert f"{killed.name} of this stage is not resumed (--restart); marked KILLED" in capsys.readouterr().err
+    info = json.loads((killed / "run.json").read_text())
+    assert info["status"] == "KILLED" and info["superseded"]
+    assert len(run_dirs(project)) == 2 and mlflow_statuses() == ["FINISHED", "KILLED"]
+    (again,) = train(project / "params.yaml", LONG)  # the superseded run is neither resumed nor reported again
+    assert again.reused and "not resumed" not in capsys.readouterr().err
+
+
+def test_a_killed_dvc_stage_leaves_no_running_mlflow_run(project):
+    """DVC removes a stage's outs before it runs it again, so the rerun trains afresh; the killed
+    run's MLflow run is found by stage key and owner and ended KILLED."""
+    out = project / "models" / "stage1-1"
+    killed = killed_mid_run(project, "stage", "stage1:1", "--run-dir", str(out), *LONG)
+    assert killed == out and mlflow_statuses() == ["RUNNING"]
+    shutil.rmtree(out)
+    assert main(["stage", "stage1:1", "--run-dir", str(out), "--config", str(project / "params.yaml"), *LONG]) == 0
+    assert mlflow_statuses() == ["FINISHED", "KILLED"]
+
+
+def test_a_killed_fixed_run_dir_is_resumed_in_place(project):
+    out = project / "models" / "stage1-1"
+    killed_mid_run(project, "stage", "stage1:1", "--run-dir", str(out), *LONG)
+    assert main(["stage", "stage1:1", "--run-dir", str(out), "--config", str(project / "params.yaml"), *LONG]) == 0
+    assert json.loads((out / "run.json").read_text())["status"] == "FINISHED" and mlflow_statuses() == ["FINISHED"]
+
+
+def test_resume_summary_and_ctrl_c_message(project, monkeypatch, capsys):
+    real_validation = engine.validation_accuracy
+    calls = {"n": 0}
+
+    def interrupted_in_epoch_two(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_validation(*args)
+
+    monkeypatch.setattr(engine, "validation_accuracy", interrupted_in_epoch_two)
+    assert main(["train", "--config", str(project / "params.yaml")]) == 130
+    (killed,) = run_dirs(project)
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1] == (f"ltrepro: interrupted; ce/stage1 stopped; {killed}/last.pt keeps its last finished epoch: run the "
+                   f"same command again to resume it (--restart for a fresh run)")  # fmt: skip
+    assert main(["train", "--resume", str(killed)]) == 0
+    out = capsys.readouterr().out
+    assert "stage1: finished" in out and "reused" not in out
+
+
+def test_a_still_running_run_is_not_resumed_on_request(project, capsys):
+    from ltrepro.runs import process_owner
+
+    result = stopped_run(project)
+    info = json.loads((result.run_dir / "run.json").read_text())
+    (result.run_dir / "run.json").write_text(json.dumps({**info, "status": "RUNNING", "owner": process_owner()}))
+    assert main(["train", "--resume", str(result.run_dir)]) == 2
+    assert "still being trained by process" in capsys.readouterr().err
+
+
+def test_a_torn_run_json_never_blocks_the_folder(project, capsys):
+    (project / "runs" / "torn").mkdir(parents=True)
+    (project / "runs" / "torn" / "run.json").write_text('{"mlflow_run_id": "ab')
+    assert main(["train", "--config", str(project / "params.yaml"), "stage1.epochs=1"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line for line in err if "torn/run.json" in line] == [err[0]] and "treating that run as dead" in err[0]
+
+
+def test_malicious_pickle_is_refused_through_evaluate_and_resume(project, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    result = stopped_run(project)
+    for name in ("best.pt", "last.pt"):
+        torch.save({"format": "ltrepro-checkpoint/1", "model": Exploit()}, result.run_dir / name)
+    info = json.loads((result.run_dir / "run.json").read_text())
+    (result.run_dir / "run.json").write_text(json.dumps({**info, "status": "FINISHED"}))
+    capsys.readouterr()
+    assert main(["evaluate", str(result.run_dir)]) == 2
+    assert "safe loading refuses" in capsys.readouterr().err
+    (result.run_dir / "run.json").write_text(json.dumps({**info, "status": "KILLED"}))
+    assert main(["train", "--resume", str(result.run_dir)]) == 2
+    assert "safe loading refuses" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_weights_that_turn_nan_are_never_checkpointed(project, monkeypatch):
+    """A finite loss whose last step leaves NaN weights (a huge lr): the epoch is refused before
+    anything of it is saved, and the run ends FAILED in run.json and MLflow."""
+    real_step = engine.run_epoch
+
+    def nan_after_second_epoch(plan, *args):
+        result = real_step(plan, *args)
+        if args[3] == 1:
+            with torch.no_grad():
+                next(plan.model.parameters()).fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(engine, "run_epoch", nan_after_second_epoch)
+    with pytest.raises(LtreproError, match="epoch 2 left NaN or infinite values in 1 weight tensors"):
+        train(project / "params.yaml", [])
+    (failed,) = run_dirs(project)
+    assert torch.load(failed / "last.pt", weights_only=True)["epoch"] == 0  # epoch 1's, not epoch 2's
+    assert all(torch.isfinite(t).all() for t in weights(failed / "best.pt").values() if t.is_floating_point())
+    info = json.loads((failed / "run.json").read_text())
+    assert info["status"] == "FAILED" and "NaN" in info["error"] and mlflow_statuses() == ["FAILED"]

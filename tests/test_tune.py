@@ -172,6 +172,52 @@ def test_ctrl_c_keeps_finished_trials(project):
     assert "study 'interrupted' interrupted; its finished trials are kept" in output
     study = optuna.load_study(study_name="interrupted", storage=storage)
     assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) >= 1
+    assert "Traceback" not in output  # Optuna's traceback of the interrupted trial is not shown
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    (parent,), _ = study_runs("interrupted")
+    (parent,), trials = study_runs("interrupted")
     assert parent.info.status == "KILLED"
+    same = {"COMPLETE": "FINISHED", "FAIL": "FAILED", "PRUNED": "KILLED"}  # one state in Optuna and MLflow
+    assert {n: same[t.state.name] for n, t in enumerate(study.trials)} == {n: r.info.status for n, r in trials.items()}
+
+
+def test_a_resumed_study_continues_the_search_and_fails_the_dead_trial(project):
+    from tests.test_runs import dead_owner
+
+    params, fast = project / "params.yaml", [*FAST, "tune.pruner=none", "tune.study=resumed"]
+    tune([params], [*fast, "tune.trials=2"], project)
+    storage = f"sqlite:///{project / 'optuna.db'}"
+    stale = optuna.load_study(study_name="resumed", storage=storage).ask()  # left RUNNING by a killed worker
+    stale.set_user_attr("owner", dead_owner())
+    summary = tune([params], [*fast, "tune.trials=4"], project, resume=True)
+    study = optuna.load_study(study_name="resumed", storage=storage)
+    assert study.trials[stale.number].state == optuna.trial.TrialState.FAIL and summary["fail"] == 1
+    values = [t.params["ffn.lam"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(values) == 4 and len(set(values)) == 4  # no trial replays an earlier one
+
+
+def test_the_sampler_is_reproducible_per_trial_number():
+    def draws(sampler_seed, trials):
+        study = optuna.create_study(sampler=tune_module.TrialSeededSampler(sampler_seed))
+        study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=trials)
+        return [t.params["x"] for t in study.trials]
+
+    assert draws(0, 3) == draws(0, 3) and draws(0, 3) != draws(1, 3)
+    assert len(set(draws(0, 6))) == 6
+
+
+def test_a_tunable_that_cannot_act_is_refused_before_any_trial(project, capsys):
+    late = ["method=ce_fcc", "stage1.epochs=4", "stage1.fcc_start_epoch=15"]
+    assert main(["tune", "--config", str(project / "params.yaml"), *late]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("ltrepro: error: tune: stage1: FCC never switches on (stage1.fcc_start_epoch 15, stage1.epochs is 4), "
+                   "so stage1.fcc cannot act and every trial would score the same")  # fmt: skip
+    assert not (project / "runs").exists()
+
+
+def test_a_study_whose_trials_all_score_the_same_says_so(project, monkeypatch):
+    from ltrepro.runs import RunResult
+
+    flat = [RunResult("0" * 32, project, "stage2", {"val_top1": 50.0}, "")]
+    monkeypatch.setattr(tune_module, "run_method", lambda cfg, root, hook: flat)
+    summary = tune([project / "params.yaml"], [*FAST, "tune.trials=3"], project)
+    assert summary["warning"].startswith("all 3 completed trials scored 50.00")

@@ -1,6 +1,7 @@
 """What every dataset builder returns, and the registry of datasets by name."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -35,6 +36,15 @@ class Split:
     @property
     def in_memory(self) -> bool:
         return self.images is not None
+
+    def digest(self) -> str:
+        """sha256 of what this split holds: its labels and pixels (in memory) or file paths (on disk)."""
+        content = hashlib.sha256(self.labels.tobytes())
+        if self.images is not None:
+            content.update(self.images.contiguous().numpy().tobytes())
+        for path in self.paths or []:
+            content.update(path.encode() + b"\0")
+        return content.hexdigest()
 
     def subset(self, indices: np.ndarray) -> "Split":
         images = self.images[torch.from_numpy(indices)] if self.images is not None else None

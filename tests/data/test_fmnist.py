@@ -76,3 +76,26 @@ def test_build_lt_subset_val_and_test(tmp_path, fmnist_source):
     assert data.info["split_sizes"] == {"train": 78, "val": 50, "test": 100}
     assert load_data(cfg, seed=0, root=tmp_path).info["index_hash"] == data.info["index_hash"]
     assert load_data(cfg, seed=1, root=tmp_path).info["index_hash"] != data.info["index_hash"]
+
+
+def test_same_size_corruption_is_caught_and_changes_the_data_hash(tmp_path, fmnist_source):
+    """Bytes flipped in a prepared file keep its size and its idx header; the sha256 in
+    manifest.json catches them, and without the check the data hash (of what was read) moves."""
+    import dataclasses
+
+    from ltrepro.data import data_hash
+
+    fmnist.prepare(tmp_path / "data/raw", fmnist_source)
+    cfg = DataConfig(n_max=20, imbalance=10, val_per_class=5, image_size=28)
+    before = data_hash(load_data(cfg, seed=0, root=tmp_path))
+    path = tmp_path / "data/raw/fashion-mnist/t10k-images-idx3-ubyte"
+    raw = bytearray(path.read_bytes())
+    raw[-100:-90] = bytes(255 - b for b in raw[-100:-90])
+    path.write_bytes(bytes(raw))
+    with pytest.raises(LtreproError, match="t10k-images-idx3-ubyte: its sha256 differs from manifest.json's"):
+        load_data(cfg, seed=0, root=tmp_path)
+    unchecked = dataclasses.replace(cfg, verify_checksums=False)
+    assert data_hash(load_data(unchecked, seed=0, root=tmp_path)) != before
+    (tmp_path / "data/raw/fashion-mnist/manifest.json").unlink()
+    with pytest.raises(LtreproError, match="manifest.json is missing, so the data files cannot be checked"):
+        load_data(cfg, seed=0, root=tmp_path)
