@@ -25,4 +25,4 @@ train: data
 	$(BIN)/ltrepro train $(ARGS)
 
 test: data
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n auto $(ARGS)

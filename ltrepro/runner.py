@@ -158,16 +158,17 @@ def claim_stopped_run(
     cfg: Config, root: Path, key: str, restart: bool = False, prefer: Path | None = None, fixed: Path | None = None
 ) -> tuple[Path, dict, dict] | None:
     """The stopped run of stage key ``key`` to resume, with its last.pt state: ``prefer`` when it has
-    that key, else the newest with a last.pt begun by this code (never another folder than a
-    ``fixed`` run directory); None with ``restart``. It is marked
-    RUNNING by this process at once (under a lock, so two workers never take the same run). Every
-    other stopped run of the key is marked KILLED (run.json and MLflow), as is any MLflow run of it
-    that a dead process left RUNNING. A last.pt that cannot be read fails here, before any change."""
+    that key, else the newest one with a last.pt begun by this code, never another folder than a
+    ``fixed`` run directory; None with ``restart``. The chosen run is marked RUNNING by this process
+    at once, under a lock, so two workers never take the same one. Every other stopped run of the
+    key is marked KILLED (run.json and MLflow), as is any MLflow run of it that a dead process left
+    RUNNING. A last.pt that cannot be read fails here, before anything is changed."""
     (root / ".ltrepro").mkdir(parents=True, exist_ok=True)
     with locked(root / ".ltrepro" / "claim.lock"):
         stopped = unfinished_runs(root / cfg.out_dir, key) if fixed is None else {}
-        if prefer is not None and read_run(prefer).get("stage_key") == key:
-            stopped = {prefer: read_run(prefer)} | {d: i for d, i in stopped.items() if d.resolve() != prefer.resolve()}
+        preferred = read_run(prefer) if prefer is not None else {}
+        if preferred.get("stage_key") == key:
+            stopped = {prefer: preferred} | {d: i for d, i in stopped.items() if d.resolve() != prefer.resolve()}
         chosen = None
         for run_dir, info in stopped.items():
             same_code = run_dir == prefer or info.get("code_version") == code_version()
@@ -179,7 +180,7 @@ def claim_stopped_run(
                 "--restart" if restart else "a newer stopped run is resumed" if chosen
                 else "ltrepro's code changed since it began" if not same_code else "it has no last.pt"
             )  # fmt: skip
-            print(f"ltrepro: {run_dir.name} of this stage is not resumed ({why}); marked KILLED", file=sys.stderr)
+            print(f"ltrepro: stopped run {run_dir.name} is not resumed ({why}); marked KILLED", file=sys.stderr)
             write_run(run_dir, {**info, "status": "KILLED", "superseded": True})
     keep = chosen[1]["mlflow_run_id"] if chosen else None
     zombies = [info["mlflow_run_id"] for info in stopped.values()] + dead_stage_runs(root, cfg.experiment, key)

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ltrepro.errors import LtreproError
 from ltrepro.files import locked
 
 
@@ -49,12 +50,16 @@ def open_store(root: Path, experiment: str | None = None) -> str:
     if uri in READY_STORES and experiment is None:
         return uri
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial tables ..." is noise
-    with sqlite_lock(uri):
-        client = mlflow.MlflowClient()
-        client.search_experiments(max_results=1)  # the tracking tables
-        client.search_registered_models(max_results=1)  # the registry's, in the same database
-        if experiment is not None and client.get_experiment_by_name(experiment) is None:
-            client.create_experiment(experiment, artifact_location=(root / "mlartifacts").resolve().as_uri())
+    try:
+        with sqlite_lock(uri):
+            client = mlflow.MlflowClient()
+            client.search_experiments(max_results=1)  # the tracking tables
+            client.search_registered_models(max_results=1)  # the registry's, in the same database
+            if experiment is not None and client.get_experiment_by_name(experiment) is None:
+                client.create_experiment(experiment, artifact_location=(root / "mlartifacts").resolve().as_uri())
+    except Exception as exc:  # MLflow, SQLAlchemy, drivers and the file system raise many types
+        lines = str(exc).strip().splitlines()
+        raise LtreproError(f"MLflow tracking store {uri}: cannot be opened ({type(exc).__name__}: {lines[0][:300] if lines else ''})") from None
     READY_STORES.add(uri)
     return uri
 

@@ -34,3 +34,11 @@ def test_bench_loader_writes_both_figures(project, tmp_path, capsys):
         "device_loader_data_only", "torchvision_dataloader_data_only", "device_loader_train", "torchvision_dataloader_train",
     }  # fmt: skip
     assert all(value > 0 for value in result["img_per_s"].values()) and result["train_images"] == 78
+
+
+def test_a_store_that_cannot_be_opened_is_one_line(project, capsys, monkeypatch):
+    (project / "a-file").write_text("")  # the store's folder cannot be created under a file
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'a-file' / 'mlflow.db'}")
+    assert main(["train", "--config", str(project / "params.yaml"), "stage1.epochs=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ltrepro: error: MLflow tracking store sqlite:///") and "cannot be opened" in err and "\n" not in err

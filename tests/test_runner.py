@@ -263,7 +263,7 @@ def test_restart_marks_the_stopped_run_killed_and_trains_afresh(project, capsys)
     killed = killed_mid_run(project, "train", *LONG)
     capsys.readouterr()
     assert main(["train", "--config", str(project / "params.yaml"), *LONG, "--restart"]) == 0
-    assert f"{killed.name} of this stage is not resumed (--restart); marked KILLED" in capsys.readouterr().err
+    assert f"stopped run {killed.name} is not resumed (--restart); marked KILLED" in capsys.readouterr().err
     info = json.loads((killed / "run.json").read_text())
     assert info["status"] == "KILLED" and info["superseded"]
     assert len(run_dirs(project)) == 2 and mlflow_statuses() == ["FINISHED", "KILLED"]
@@ -369,3 +369,24 @@ def test_weights_that_turn_nan_are_never_checkpointed(project, monkeypatch):
     assert all(torch.isfinite(t).all() for t in weights(failed / "best.pt").values() if t.is_floating_point())
     info = json.loads((failed / "run.json").read_text())
     assert info["status"] == "FAILED" and "NaN" in info["error"] and mlflow_statuses() == ["FAILED"]
+
+
+def test_a_resume_under_mlflow_run_logs_into_the_run_it_opened(project, monkeypatch):
+    """`mlflow run -e stage1` opens an MLflow run and hands its id to ltrepro: a resumed stage logs
+    there (the killed run's history copied in) and the killed run ends KILLED."""
+    import mlflow
+
+    from ltrepro.tracking import open_store
+
+    killed = killed_mid_run(project, "train", *LONG)
+    old_id = json.loads((killed / "run.json").read_text())["mlflow_run_id"]
+    open_store(project, "ltrepro")
+    client = mlflow.MlflowClient()
+    opened = client.create_run(client.get_experiment_by_name("ltrepro").experiment_id).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", opened)
+    assert main(["stage", "stage1", "--config", str(project / "params.yaml"), *LONG]) == 0
+    assert json.loads((killed / "run.json").read_text())["mlflow_run_id"] == opened
+    assert [m.step for m in client.get_metric_history(opened, "val_acc")] == list(range(12))
+    run = client.get_run(opened)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_from_run_id"] == old_id
+    assert client.get_run(old_id).info.status == "KILLED" and run.data.params["stage1.epochs"] == "12"

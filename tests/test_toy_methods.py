@@ -239,7 +239,7 @@ def test_three_stage_method_killed_after_epoch_1_resumes_bit_for_bit(project, mo
     state = torch.load(killed / "last.pt", weights_only=True)
     assert state["epoch"] == 1 and "train_loader" in state["epoch_state"]
     resumed = train(None, [], resume=killed)
-    assert resumed[-1].run_dir == killed and resumed[-1].reused
+    assert resumed[-1].run_dir == killed and not resumed[-1].reused and all(r.reused for r in resumed[:-1])
     for name in ("last.pt", "best.pt"):
         assert_same_weights(full[-1].run_dir / name, killed / name)
     np.testing.assert_equal(resumed[-1].metrics, full[-1].metrics)
