@@ -254,6 +254,8 @@ def test_kill_9_then_the_same_command_resumes_the_run(project, capsys):
     for name in ("last.pt", "best.pt"):
         a, b = weights(full.run_dir / name), weights(killed / name)
         assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (torch.load(d / "last.pt", weights_only=True)["optimizer"]["state"] for d in (full.run_dir, killed))
+    assert a.keys() == b.keys() and all(torch.equal(a[i]["momentum_buffer"], b[i]["momentum_buffer"]) for i in a)
     assert mlflow_statuses() == ["FINISHED", "FINISHED"]  # the killed run was resumed, not left RUNNING
     assert [p for p in run_dirs(project)] == [killed]
     assert not list(project.glob("**/.*.tmp"))  # no temporary file left by the kill
