@@ -24,5 +24,6 @@ demo: install
 train: data
 	$(BIN)/ltrepro train $(ARGS)
 
+# One pytest worker per CPU this process may use (psutil's count, xdist's `auto`, can be the host's).
 test: data
-	$(BIN)/python -m pytest -q -n auto $(ARGS)
+	$(BIN)/python -m pytest -q -n $$($(BIN)/python -c "import os; print(len(os.sched_getaffinity(0)))") $(ARGS)
