@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from ltrepro.errors import LtreproError
+from ltrepro.errors import LtreproError, first_line
 
 CONFIG_HELP = (
     "params file holding the defaults (default: ./params.yaml); repeat to layer files, e.g. "
@@ -425,17 +425,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if type(exc).__module__.partition(".")[0] not in STORE_MODULES:
             raise
-        print(f"ltrepro: error: tracking or study store: {one_line(exc)}", file=sys.stderr)
+        print(f"ltrepro: error: tracking or study store: {first_line(exc)}", file=sys.stderr)
         return 1
     return 0
 
 
 STORE_MODULES = ("mlflow", "sqlalchemy", "alembic", "sqlite3", "optuna")  # their errors are about a store, not our input
-
-
-def one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -9,6 +9,13 @@ class LtreproError(Exception):
     """
 
 
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (at most 300 characters): a foreign error, such as a
+    store's or a driver's, told in one line."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
+
+
 class RunStopped(Exception):
     """A run stopped on purpose before its last epoch (an Optuna trial pruned): its MLflow run
     ends KILLED, not FAILED."""

@@ -34,7 +34,7 @@ from ltrepro.files import locked
 from ltrepro.losses import build_loss
 from ltrepro.methods import Method, Stage
 from ltrepro.runs import (
-    RunResult, code_version, find_finished, is_stopped, new_run_dir, owner_alive, process_owner, read_run,
+    RunResult, code_version, find_finished, new_run_dir, owner_alive, process_owner, read_run,
     read_run_json, to_json, unfinished_runs, write_run,
 )  # fmt: skip
 from ltrepro.scoring import FINAL_METRICS, test_summary
@@ -60,6 +60,8 @@ def train(
         info = resumable(read_run(resume))
         get_method(info["method"]).stage(info["stage"])  # the stage it names must still exist
         cfg = resolve(load_config(info["run_dir"] / "method_config.yaml"))
+        if info["stage_key"] not in {key for _, _, key in plan_method(cfg)}:
+            raise LtreproError(f"{resume}: its stage key matches no stage of its saved config (re-key it: ltrepro rekey)")
         return run_method(cfg, Path(info["project_root"]), resume_dir=info["run_dir"])
     paths = config_paths if isinstance(config_paths, list) else [config_paths] if config_paths else []
     root = (paths[0].parent if paths else Path.cwd()).resolve()
@@ -140,11 +142,8 @@ def run_method(
     """Every stage in order: reused when finished, else resumed when stopped (``resume_dir`` first),
     else trained."""
     method = check_method(cfg)
-    plan = plan_method(cfg)
-    if resume_dir is not None and read_run(resume_dir)["stage_key"] not in {key for _, _, key in plan}:
-        raise LtreproError(f"{resume_dir}: its stage key matches no stage of its saved config (re-key it: ltrepro rekey)")
     done: dict[str, RunResult] = {}
-    for stage, stage_cfg, key in plan:
+    for stage, stage_cfg, key in plan_method(cfg):
         finished = find_finished(root / cfg.out_dir, key)
         if finished is not None:
             done[stage.name] = reused(finished, stage, root)
@@ -158,14 +157,18 @@ def claim_stopped_run(
     cfg: Config, root: Path, key: str, restart: bool = False, prefer: Path | None = None, fixed: Path | None = None
 ) -> tuple[Path, dict, dict] | None:
     """The stopped run of stage key ``key`` to resume, with its last.pt state: ``prefer`` when it has
-    that key, else the newest one with a last.pt begun by this code, never another folder than a
-    ``fixed`` run directory; None with ``restart``. The chosen run is marked RUNNING by this process
-    at once, under a lock, so two workers never take the same one. Every other stopped run of the
-    key is marked KILLED (run.json and MLflow), as is any MLflow run of it that a dead process left
-    RUNNING. A last.pt that cannot be read fails here, before anything is changed."""
+    that key, else the newest one with a last.pt begun by this code; with a ``fixed`` run directory
+    (DVC's outs), only the run that folder holds; None with ``restart``. The chosen run is marked
+    RUNNING by this process at once, under a lock, so two workers never take the same one. Every
+    other stopped run of the key is marked KILLED (run.json and MLflow), as is any MLflow run of it
+    that a dead process left RUNNING. A last.pt that cannot be read fails here, before anything
+    is changed."""
     (root / ".ltrepro").mkdir(parents=True, exist_ok=True)
     with locked(root / ".ltrepro" / "claim.lock"):
-        stopped = unfinished_runs(root / cfg.out_dir, key) if fixed is None else {}
+        folder = root / cfg.out_dir if fixed is None else fixed.parent
+        stopped = unfinished_runs(folder, key)
+        if fixed is not None:
+            stopped = {d: i for d, i in stopped.items() if d.resolve() == fixed.resolve()}
         preferred = read_run(prefer) if prefer is not None else {}
         if preferred.get("stage_key") == key:
             stopped = {prefer: preferred} | {d: i for d, i in stopped.items() if d.resolve() != prefer.resolve()}
@@ -226,9 +229,7 @@ def run_named_stage(
     input_keys = {name: read_run(path)["stage_key"] for name, path in resolve_inputs(specs, root).items()}
     stage_cfg = planned[stage.name][0]
     key = stage_key(stage_cfg, stage, input_keys)
-    held = run_dir is not None and (run_dir / "run.json").is_file()
-    prefer = run_dir if held and is_stopped(read_run(run_dir)) else None
-    return run_stage(stage_cfg, root, method, stage, specs, key, cfg, run_dir, restart=restart, prefer=prefer)
+    return run_stage(stage_cfg, root, method, stage, specs, key, cfg, run_dir, restart=restart)
 
 
 def run_stage(

@@ -15,6 +15,7 @@ atomically; one that cannot be read is named in one line and treated as a dead r
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ltrepro.errors import LtreproError
+from ltrepro.errors import LtreproError, first_line
 from ltrepro.files import write_text_atomic
 
 RUN_KEYS = ("mlflow_run_id", "project_root", "method", "stage", "inputs", "stage_key")
@@ -48,8 +49,7 @@ def read_run_json(path: Path) -> dict:
     try:
         info = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise LtreproError(f"{path}: unreadable run record ({reason}); a torn write or a hand edit") from None
+        raise LtreproError(f"{path}: unreadable run record ({first_line(exc)}); a torn write or a hand edit") from None
     if not isinstance(info, dict):
         raise LtreproError(f"{path}: unreadable run record (a JSON {type(info).__name__}, not an object)")
     return info
@@ -152,8 +152,10 @@ def process_start(pid: int) -> str:
         return "alive"
 
 
+@functools.cache
 def code_version() -> str:
-    """A hash of ltrepro's own source files: a stopped run is resumed only by the code that began it."""
+    """A hash of ltrepro's own source files, read once per process: a stopped run is resumed only by
+    the code that began it."""
     package = Path(__file__).parent
     digest = hashlib.sha256()
     for path in sorted(package.rglob("*.py")):

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ltrepro.errors import LtreproError
+from ltrepro.errors import LtreproError, first_line
 from ltrepro.files import locked
 
 
@@ -58,8 +58,7 @@ def open_store(root: Path, experiment: str | None = None) -> str:
             if experiment is not None and client.get_experiment_by_name(experiment) is None:
                 client.create_experiment(experiment, artifact_location=(root / "mlartifacts").resolve().as_uri())
     except Exception as exc:  # MLflow, SQLAlchemy, drivers and the file system raise many types
-        lines = str(exc).strip().splitlines()
-        raise LtreproError(f"MLflow tracking store {uri}: cannot be opened ({type(exc).__name__}: {lines[0][:300] if lines else ''})") from None
+        raise LtreproError(f"MLflow tracking store {uri}: cannot be opened ({first_line(exc)})") from None
     READY_STORES.add(uri)
     return uri
 

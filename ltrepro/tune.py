@@ -36,7 +36,7 @@ import optuna
 import yaml
 
 from ltrepro.config import Config, flatten, load_config, unflatten, with_overrides
-from ltrepro.errors import LtreproError, RunStopped
+from ltrepro.errors import LtreproError, RunStopped, first_line
 from ltrepro.methods import Method, Tunable
 from ltrepro.tracking import Tracker, end_runs, open_store, sqlite_lock
 from ltrepro.context import get_method, resolve
@@ -152,8 +152,7 @@ def open_storage(url: str, attempts: int = 3) -> optuna.storages.RDBStorage:
             if attempt + 1 < attempts and not isinstance(exc, (ImportError, ValueError)):
                 time.sleep(1.0 + attempt)
                 continue
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise LtreproError(f"tune.storage {url!r}: cannot open the study storage ({type(exc).__name__}: {reason})") from None
+            raise LtreproError(f"tune.storage {url!r}: cannot open the study storage ({first_line(exc)})") from None
     raise AssertionError("unreachable")
 
 

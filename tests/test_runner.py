@@ -39,21 +39,24 @@ def stopped_run(project):
     return result
 
 
-def test_resume_after_kill_equals_uninterrupted_run(project, monkeypatch):
-    (full,) = train(project / "params.yaml", ["out_dir=uninterrupted"])
-    calls = {"n": 0}
-    real_validation = engine.validation_accuracy
+def interrupt_at_validation(monkeypatch, number: int) -> None:
+    """Ctrl-C during the ``number``-th validation pass of this process (1-based), once."""
+    real_validation, calls = engine.validation_accuracy, {"n": 0}
 
-    def killed_after_two_epochs(*args):
+    def interrupted(*args):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == number:
             raise KeyboardInterrupt
         return real_validation(*args)
 
-    monkeypatch.setattr(engine, "validation_accuracy", killed_after_two_epochs)
+    monkeypatch.setattr(engine, "validation_accuracy", interrupted)
+
+
+def test_resume_after_kill_equals_uninterrupted_run(project, monkeypatch):
+    (full,) = train(project / "params.yaml", ["out_dir=uninterrupted"])
+    interrupt_at_validation(monkeypatch, 3)  # after two finished epochs
     with pytest.raises(KeyboardInterrupt):
         train(project / "params.yaml", [])
-    monkeypatch.setattr(engine, "validation_accuracy", real_validation)
     (killed,) = run_dirs(project)
     assert torch.load(killed / "last.pt", weights_only=True)["epoch"] == 1
     assert json.loads((killed / "run.json").read_text())["status"] == "KILLED"
@@ -292,16 +295,7 @@ def test_a_killed_fixed_run_dir_is_resumed_in_place(project):
 
 
 def test_resume_summary_and_ctrl_c_message(project, monkeypatch, capsys):
-    real_validation = engine.validation_accuracy
-    calls = {"n": 0}
-
-    def interrupted_in_epoch_two(*args):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_validation(*args)
-
-    monkeypatch.setattr(engine, "validation_accuracy", interrupted_in_epoch_two)
+    interrupt_at_validation(monkeypatch, 2)
     assert main(["train", "--config", str(project / "params.yaml")]) == 130
     (killed,) = run_dirs(project)
     err = capsys.readouterr().err.strip()

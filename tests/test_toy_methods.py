@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ltrepro import engine
 from ltrepro.config import StageConfig, bounded, load_config, register_block, unregister_block
 from ltrepro.context import resolve
 from ltrepro.data.loader import DeviceLoader
@@ -32,6 +31,7 @@ from ltrepro.readouts import NearestClassMean
 from ltrepro.rebuild import load_input
 from ltrepro.runner import plan_method, train
 from ltrepro.stages import FrozenBackbone, build_model, make_plan, representation_stage, stage_loss, train_loader
+from tests.test_runner import interrupt_at_validation
 
 
 @dataclass
@@ -222,19 +222,9 @@ def test_three_stage_method_hands_off_reads_out_without_classifier_and_logs_redr
 def test_three_stage_method_killed_after_epoch_1_resumes_bit_for_bit(project, monkeypatch):
     params, overrides = project / "params.yaml", ["method=toy_three", "toy_finetune.epochs=4"]
     full = train(params, [*overrides, "out_dir=uninterrupted"])
-    calls = {"n": 0}
-    real_validation = engine.validation_accuracy
-
-    def killed_in_finetune_epoch_3(*args):  # pretrain 2 + probe 2 validations, then the fine-tune's
-        calls["n"] += 1
-        if calls["n"] == 2 + 2 + 3:
-            raise KeyboardInterrupt
-        return real_validation(*args)
-
-    monkeypatch.setattr(engine, "validation_accuracy", killed_in_finetune_epoch_3)
+    interrupt_at_validation(monkeypatch, 2 + 2 + 3)  # pretrain 2 + probe 2 validations, then the fine-tune's 3rd
     with pytest.raises(KeyboardInterrupt):
         train(params, overrides)
-    monkeypatch.setattr(engine, "validation_accuracy", real_validation)
     (killed,) = [d for d in (project / "runs").iterdir() if "finetune" in d.name]
     state = torch.load(killed / "last.pt", weights_only=True)
     assert state["epoch"] == 1 and "train_loader" in state["epoch_state"]

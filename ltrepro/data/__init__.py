@@ -34,17 +34,17 @@ def load_data(cfg: DataConfig, seed: int, root: Path) -> LTData:
         cfg, root=str(root / cfg.root), path=str(root / cfg.path) if cfg.path is not None else None
     )
     data = DATASETS.get(cfg.name).build(located, seed)
-    splits = {"train": data.train, "val": data.val, "test": data.test}
-    data.info.update(
-        split_sizes={name: len(split) for name, split in splits.items()},
-        content_digest={name: split.digest() for name, split in splits.items()},
-    )
+    data.info.update(split_sizes={"train": len(data.train), "val": len(data.val), "test": len(data.test)})
     return data
 
 
 def data_hash(data: LTData) -> str:
     """Fingerprint of what a run trained and was evaluated on, from what was read: every split's
-    labels and pixels (or image paths, for sets on disk), the LT indices and the split sizes."""
+    labels and pixels (or image paths, for sets on disk), the LT indices and the split sizes. The
+    split digests are computed on first use and kept in ``data.info`` (and so in data_info.json)."""
+    if "content_digest" not in data.info:
+        splits = {"train": data.train, "val": data.val, "test": data.test}
+        data.info["content_digest"] = {name: split.digest() for name, split in splits.items()}
     keys = ("index_hash", "content_digest", "split_sizes")
     payload = json.dumps({"name": data.name, **{k: data.info.get(k) for k in keys}}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -41,7 +41,7 @@ class Split:
         """sha256 of what this split holds: its labels and pixels (in memory) or file paths (on disk)."""
         content = hashlib.sha256(self.labels.tobytes())
         if self.images is not None:
-            content.update(self.images.contiguous().numpy().tobytes())
+            content.update(self.images.contiguous().numpy())  # hashed in place, not copied
         for path in self.paths or []:
             content.update(path.encode() + b"\0")
         return content.hexdigest()
