@@ -42,7 +42,8 @@ class DataConfig:
     """Which dataset, how its long-tailed subset is drawn, and where validation comes from.
 
     ``null`` for n_max, val_per_class and image_size means the dataset's own default; the run
-    logs the resolved values.
+    logs the resolved values. ``split`` and ``split_seed`` apply only to datasets drawn from a
+    balanced pool; validation is drawn with the run seed whatever ``split_seed`` says.
     """
 
     name: str = "fmnist_lt"
@@ -50,6 +51,10 @@ class DataConfig:
     path: str | None = None  # a dataset's own folder when it is not under root (image folders)
     n_max: int | None = bounded(None, 1)  # images in the largest class
     imbalance: float = bounded(100.0, 1.0)  # IF = n_max / n_min
+    # which images of each class the LT subset keeps (docs/methods/README.md#long-tailed-cifar):
+    # ldam (shuffle, first n_c), glmc (GLMC/FSGL choice without replacement), first_n (file order)
+    split: Literal["ldam", "glmc", "first_n"] = "ldam"
+    split_seed: int | None = bounded(None, 0, 2**31 - 1)  # seed of the LT draw; null: the run's seed
     val_per_class: int | None = bounded(None, 0)
     reserve: bool = False  # hold validation out of every class before the LT draw
     verify_checksums: bool = True

@@ -119,3 +119,24 @@ def ffn_fused_logits(f_kps: torch.Tensor, f_ce: torch.Tensor, weight: torch.Tens
     if not 0.0 <= lam <= 1.0:
         raise LtreproError(f"FFN lam: got {lam!r}, expected a number in [0, 1]")
     return lam * cosine_logits(f_kps, weight) + (1 - lam) * cosine_logits(f_ce, weight)
+
+
+def cutmix_box(height: int, width: int, lam: float, centre_y: int, centre_x: int) -> tuple[int, int, int, int]:
+    """The CutMix box (Yun et al., ICCV'19) as GLMC / FSGL draw it (docs/methods/fsgl.md#views):
+    side ceil(S sqrt(1 - lam)) per axis, spanning centre +- side // 2, clipped to the image.
+
+    Returns (y0, y1, x0, x1). An odd side loses a pixel (side 23 spans 22), as in the reference.
+    """
+    cut = math.sqrt(1.0 - lam)
+    half_h, half_w = math.ceil(height * cut) // 2, math.ceil(width * cut) // 2
+    y0, y1 = min(max(centre_y - half_h, 0), height), min(max(centre_y + half_h, 0), height)
+    x0, x1 = min(max(centre_x - half_w, 0), width), min(max(centre_x + half_w, 0), width)
+    return y0, y1, x0, x1
+
+
+def paste_box(target: torch.Tensor, source: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
+    """``target`` (N, C, H, W) with the box (y0, y1, x0, x1) of ``source`` pasted in, one box for the batch."""
+    y0, y1, x0, x1 = box
+    mixed = target.clone()
+    mixed[:, :, y0:y1, x0:x1] = source[:, :, y0:y1, x0:x1]
+    return mixed

@@ -161,10 +161,11 @@ class PairedLoader:
     def __len__(self) -> int:
         return len(self.fused)
 
-    def epoch(self, epoch: int = 0, generator: torch.Generator | None = None) -> Iterator:
-        """Both streams hold N images in batches of one size, so they end together."""
+    def epoch(self, epoch: int = 0, generator: torch.Generator | None = None, with_second_labels: bool = False) -> Iterator:
+        """Both streams hold N images in batches of one size, so they end together; the second
+        stream's labels come along as ``(other, other_labels)`` when ``with_second_labels``."""
         second = fixed_seed_generator(int(torch.randint(2**31, (1,), generator=generator)), epoch)
-        for (images, labels), (other, _) in zip(
+        for (images, labels), (other, other_labels) in zip(
             self.fused.epoch(epoch, generator), self.fusing.epoch(epoch, second), strict=True
         ):
-            yield (images, other), labels
+            yield (images, (other, other_labels) if with_second_labels else other), labels

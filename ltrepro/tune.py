@@ -117,7 +117,8 @@ def search_space(cfg: Config, method: Method) -> list[Tunable]:
         numbers = isinstance(bounds, list) and len(bounds) == 2
         if not numbers or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds):
             raise LtreproError(f"tune.space.{key}: expected [low, high], two numbers; got {bounds!r}")
-        low, high, tunable = float(bounds[0]), float(bounds[1]), declared[key]
+        tunable = declared[key]
+        low, high = (int if tunable.integer else float)(bounds[0]), (int if tunable.integer else float)(bounds[1])
         if not low < high:
             raise LtreproError(f"tune.space.{key}: the range [{low}, {high}] is empty; low must be below high")
         if low < tunable.low or high > tunable.high:
@@ -132,6 +133,12 @@ def search_space(cfg: Config, method: Method) -> list[Tunable]:
         if tuned:
             raise LtreproError(f"tune: {message}, so {tuned[0]} cannot act and every trial would score the same")
     return list(declared.values())
+
+
+def suggest(trial: optuna.Trial, tunable: Tunable) -> float | int:
+    if tunable.integer:
+        return trial.suggest_int(tunable.key, int(tunable.low), int(tunable.high), log=tunable.log)
+    return trial.suggest_float(tunable.key, tunable.low, tunable.high, log=tunable.log)
 
 
 def storage_url(cfg: Config, root: Path) -> str:
@@ -252,7 +259,7 @@ def make_objective(cfg: Config, root: Path, space: list[Tunable], study_name: st
     def objective(trial: optuna.Trial) -> float:
         import mlflow
 
-        values = {t.key: trial.suggest_float(t.key, t.low, t.high, log=t.log) for t in space}
+        values = {t.key: suggest(trial, t) for t in space}
         trial_cfg = with_overrides(cfg, unflatten(values))
         run = Tracker(root, cfg.experiment, f"{study_name}-trial-{trial.number}")
         trial.set_user_attr("owner", process_owner())

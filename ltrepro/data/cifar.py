@@ -4,7 +4,8 @@ Profile and draw: docs/methods/README.md#long-tailed-cifar; augmentation: docs/m
 
 The files are the extracted archives from https://www.cs.toronto.edu/~kriz/cifar.html under
 ``<root>/cifar-10-batches-py/`` and ``<root>/cifar-100-python/``. The LT subset is drawn from the
-50,000 training images with the LDAM-DRW profile and draw (``lt_split``), validation comes from the
+50,000 training images with the LDAM-DRW profile and the draw data.split names (``lt_split``:
+ldam, glmc or first_n, seeded by data.split_seed or the run seed), validation comes from the
 images that draw left over (or is held out first with data.reserve), and the 10,000 test images
 stay complete and balanced.
 
@@ -199,7 +200,8 @@ def build(layout: CifarLayout, cfg: DataConfig, seed: int) -> LTData:
     test = read_split(directory, (layout.test_file,), layout, cfg.verify_checksums)
     class_names = read_class_names(directory, layout)
     train_idx, val_idx, info = lt_split(
-        pool.labels, layout.num_classes, cfg.n_max, cfg.imbalance, cfg.val_per_class, seed, cfg.reserve
+        pool.labels, layout.num_classes, cfg.n_max, cfg.imbalance, cfg.val_per_class, seed, cfg.reserve,
+        split=cfg.split, split_seed=cfg.split_seed,
     )
     info.update(index_hash=index_hash(train_idx, val_idx), source=str(directory))
     return LTData(

@@ -19,8 +19,11 @@ Image paths are read relative to the dataset directory; absolute json paths are 
   min(data.val_per_class, floor(0.2 n_c)) images, so classes with fewer than 5 images give none.
 * ``imagefolder_lt``: ``data.path`` holds ``train/<class>/*.jpg``, ``test/<class>/...`` and an optional
   ``val/<class>/...``; classes are train/'s sorted subfolder names. With data.imbalance > 1 the LT
-  subset is drawn from train/ as for CIFAR (class 0, the first name, is the head); with 1, train/
-  is used as it is.
+  subset is drawn from train/ as for CIFAR (class 0, the first name, is the head; data.split and
+  data.split_seed apply, file order being sorted file names); with 1, train/ is used as it is.
+
+ImageNet-LT and iNaturalist 2018 are long-tailed as released, so a non-default data.split or a
+data.split_seed fails at load rather than being ignored (so does imagefolder_lt with imbalance 1).
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import numpy as np
 
 from ltrepro.config import DataConfig
 from ltrepro.data.base import DATASETS, IMAGENET_MEAN, IMAGENET_STD, DatasetSpec, LTData, Split
-from ltrepro.data.lt import carve_validation, index_hash, lt_split
+from ltrepro.data.lt import carve_validation, index_hash, lt_split, refuse_split
 from ltrepro.errors import LtreproError
 
 IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
@@ -184,6 +187,7 @@ def on_disk(
 
 
 def build_imagenet_lt(cfg: DataConfig, seed: int) -> LTData:
+    refuse_split("imagenet_lt", cfg.split, cfg.split_seed)
     directory = Path(cfg.path) if cfg.path else Path(cfg.root) / "imagenet_lt"
     train, val, test = (read_checked(directory, f"ImageNet_LT_{s}", IMAGENET_LT_HINT) for s in ("train", "val", "test"))
     num_classes = resolve_num_classes([train, val, test])
@@ -198,6 +202,7 @@ def build_imagenet_lt(cfg: DataConfig, seed: int) -> LTData:
 
 
 def build_inat18(cfg: DataConfig, seed: int) -> LTData:
+    refuse_split("inat18", cfg.split, cfg.split_seed)
     directory = Path(cfg.path) if cfg.path else Path(cfg.root) / "inat18"
     train = read_checked(directory, "iNaturalist18_train", INAT18_HINT)
     test = read_checked(directory, "iNaturalist18_val", INAT18_HINT)
@@ -258,12 +263,14 @@ def build_imagefolder_lt(cfg: DataConfig, seed: int) -> LTData:
         val_per_class = 0 if val_folder is not None else cfg.val_per_class
         try:
             train_idx, val_idx, info = lt_split(
-                pool.labels, len(class_names), cfg.n_max or max(sizes), cfg.imbalance, val_per_class, seed, cfg.reserve
+                pool.labels, len(class_names), cfg.n_max or max(sizes), cfg.imbalance, val_per_class, seed, cfg.reserve,
+                split=cfg.split, split_seed=cfg.split_seed,
             )
         except LtreproError as exc:
             raise LtreproError(f"{folder / 'train'}: {exc} (classes in sorted folder order)") from None
         info["val_source"] = "spare train/ images the LT draw left over"
     else:
+        refuse_split("imagefolder_lt", cfg.split, cfg.split_seed, why="with data.imbalance=1 uses train/ as it is")
         if val_folder is not None:
             train_idx, val_idx = np.arange(len(pool)), np.zeros(0, dtype=np.int64)
         else:

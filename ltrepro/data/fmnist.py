@@ -4,7 +4,8 @@
 (the Debian files are re-gzipped, so torchvision's md5 checks would not match them) and writes
 a manifest with their sha256, against which every load checks the bytes it reads
 (``data.verify_checksums``; about 0.06 s for the 55 MB on a 2-core VM). The LT subset is drawn from the 60,000 training images and the
-validation split from the images it did not take; the 10,000 test images stay balanced.
+validation split from the images it did not take (data.split chooses the draw, as for CIFAR);
+the 10,000 test images stay balanced.
 """
 from __future__ import annotations
 
@@ -150,7 +151,10 @@ def build(cfg: DataConfig, seed: int) -> LTData:
     arrays = load_arrays(cfg.path or cfg.root, cfg.verify_checksums)
     labels = arrays["train_labels"].astype(np.int64)
     pool = Split(labels, torch.from_numpy(arrays["train_images"].copy()).unsqueeze(1))
-    train_idx, val_idx, info = lt_split(labels, 10, cfg.n_max, cfg.imbalance, cfg.val_per_class, seed, cfg.reserve)
+    train_idx, val_idx, info = lt_split(
+        labels, 10, cfg.n_max, cfg.imbalance, cfg.val_per_class, seed, cfg.reserve,
+        split=cfg.split, split_seed=cfg.split_seed,
+    )
     test = Split(arrays["test_labels"], torch.from_numpy(arrays["test_images"].copy()).unsqueeze(1))
     info.update(index_hash=index_hash(train_idx, val_idx), source=str(raw_dir(cfg.path or cfg.root)))
     return LTData(

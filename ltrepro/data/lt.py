@@ -1,10 +1,21 @@
 """Long-tailed subsets of a balanced pool, and the validation split that never touches test.
 
-The profile and the subset draw follow the LDAM-DRW lineage (Cao et al., NeurIPS'19, and its code's
+The profile follows the LDAM-DRW lineage (Cao et al., NeurIPS'19, and its code's
 ``imbalance_cifar.py``; docs/methods/README.md#long-tailed-cifar): class c keeps
-``int(n_max * (1/IF) ** (c / (C - 1)))`` images, and the kept images are chosen by shuffling each
-class's indices, in label order, with one ``numpy.random.RandomState(seed)``. With the same seed
-and no reserved validation images this reproduces the reference code's subset exactly.
+``int(n_max * (1/IF) ** (c / (C - 1)))`` images. Which images, ``data.split``:
+
+* ``ldam`` (default): each class's indices shuffled, in label order, with one
+  ``numpy.random.RandomState(split seed)``, the first n_c kept (LDAM-DRW ``gen_imbalanced_data``).
+* ``glmc``: GLMC (Du et al., CVPR'23) and FSGL: per class in label order,
+  ``choice(len(class), n_c, replace=False)`` positions into the class's images in file order, from
+  one RandomState(split seed) (their ``np.random.seed(3407)`` then ``np.random.choice``; nothing
+  else draws from numpy in between). Legacy ``choice`` without replacement is ``permutation(n)[:k]``,
+  the same Fisher-Yates draws as ``shuffle``, so the kept images equal ldam's at the same split
+  seed; the images left over (and so validation) are taken in file order instead.
+* ``first_n``: the first n_c images of each class in file order, no randomness (SHIKE, CVPR'23).
+
+The split seed is ``data.split_seed``, or the run seed when that is null. With the reference's
+seed and no reserved validation images each draw reproduces its reference code's subset exactly.
 """
 from __future__ import annotations
 
@@ -42,6 +53,51 @@ def draw_per_class(
     return kept, rest
 
 
+def draw_glmc(
+    pool: list[np.ndarray], counts: list[int], rng: np.random.RandomState
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """GLMC / FSGL ``imbalance_data/cifar*Imbanlance.py``: per class in label order, ``counts[c]``
+    positions ``rng.choice(len, counts[c], replace=False)`` into the class's indices in file order;
+    return (kept, in choice order; rest, in file order)."""
+    kept, rest = [], []
+    for idx, n in zip(pool, counts):
+        idx = np.sort(idx)
+        chosen = rng.choice(len(idx), n, replace=False)
+        kept.append(idx[chosen])
+        rest.append(np.delete(idx, chosen))
+    return kept, rest
+
+
+def draw_first_n(pool: list[np.ndarray], counts: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The first ``counts[c]`` indices of each class in file order (SHIKE); return (kept, rest)."""
+    ordered = [np.sort(idx) for idx in pool]
+    return [idx[:n] for idx, n in zip(ordered, counts)], [idx[n:] for idx, n in zip(ordered, counts)]
+
+
+SPLITS = ("ldam", "glmc", "first_n")
+
+
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise LtreproError(f"data.split: got {split!r}, expected one of {', '.join(map(repr, SPLITS))}")
+
+
+def refuse_split(dataset: str, split: str, split_seed: int | None, why: str = "is long-tailed as released") -> None:
+    """Fail when a dataset that draws no LT subset is given a draw: data.split / data.split_seed
+    would otherwise be ignored without a word."""
+    if split != "ldam":
+        key = f"data.split={split}"
+    elif split_seed is not None:
+        key = f"data.split_seed={split_seed}"
+    else:
+        return
+    raise LtreproError(
+        f"{key}: {dataset} {why}, so it has no LT subset to draw; data.split and data.split_seed apply only "
+        f"to datasets drawn from a balanced pool (fmnist_lt, cifar10_lt, cifar100_lt, imagefolder_lt with "
+        f"data.imbalance > 1); leave data.split=ldam and data.split_seed=null"
+    )
+
+
 def lt_split(
     labels: np.ndarray,
     num_classes: int,
@@ -50,21 +106,34 @@ def lt_split(
     val_per_class: int,
     seed: int,
     reserve: bool = False,
+    split: str = "ldam",
+    split_seed: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Draw the LT training subset and a validation split from one balanced training pool.
 
+    ``split`` chooses the draw (module docstring) and ``split_seed`` seeds it (None: ``seed``).
     Without ``reserve`` the LT subset is drawn first (the reference draw) and validation takes up to
     ``val_per_class`` of the images each class has left over; head classes of CIFAR may have none.
     With ``reserve`` validation is held out of every class first and n_max shrinks to what is left.
-    Returns (train indices, val indices, info) with the counts that a run logs.
+    Validation is always drawn with RandomState(seed + 1) of the run seed. Returns (train indices,
+    val indices, info) with the counts that a run logs, the split and the resolved split seed
+    (None for first_n, which draws nothing at random).
     """
+    check_split(split)
     pool = class_indices(labels, num_classes)
     available = [len(p) for p in pool]
     if min(available) == 0:
         raise LtreproError(f"class {available.index(0)} has no training images in the pool")
-    rng = np.random.RandomState(seed)
+    draw_seed = seed if split_seed is None else split_seed
+    rng = np.random.RandomState(draw_seed)
     val_rng = np.random.RandomState(seed + 1)
-    info: dict = {"n_max_requested": int(n_max), "imbalance": float(imbalance), "reserve": reserve}
+    info: dict = {
+        "n_max_requested": int(n_max),
+        "imbalance": float(imbalance),
+        "reserve": reserve,
+        "split": split,
+        "split_seed": None if split == "first_n" else int(draw_seed),
+    }
     if reserve:
         val_parts, pool = draw_per_class(pool, [min(val_per_class, a - 1) for a in available], val_rng)
         n_max = min(n_max, max(len(p) for p in pool))
@@ -76,7 +145,12 @@ def lt_split(
             f"data.n_max={n_max} asks class {c} for {counts[c]} images but the pool has {len(pool[c])}; "
             f"lower data.n_max or data.imbalance"
         )
-    train_parts, spare = draw_per_class(pool, counts, rng)
+    if split == "glmc":
+        train_parts, spare = draw_glmc(pool, counts, rng)
+    elif split == "first_n":
+        train_parts, spare = draw_first_n(pool, counts)
+    else:
+        train_parts, spare = draw_per_class(pool, counts, rng)
     if not reserve:
         val_parts, _ = draw_per_class(spare, [min(val_per_class, len(s)) for s in spare], val_rng)
     train_idx = np.concatenate(train_parts).astype(np.int64)

@@ -20,8 +20,13 @@ def class_probabilities(counts: np.ndarray, kind: str, epoch: int = 0, total_epo
     if kind == "progressive":
         t = epoch / max(total_epochs - 1, 1)
         return (1 - t) * counts / counts.sum() + t * present / present.sum()
-    power = {"instance": 1.0, "sqrt": 0.5, "class_balanced": 0.0}[kind]
-    probs = counts**power * present
+    return power_probabilities(counts, {"instance": 1.0, "sqrt": 0.5, "class_balanced": 0.0}[kind])
+
+
+def power_probabilities(counts: np.ndarray, power: float) -> np.ndarray:
+    """p_c ∝ n_c^power over the classes present (power 1: instance, 0: class-balanced)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    probs = counts**power * (counts > 0)
     return probs / probs.sum()
 
 
@@ -32,9 +37,13 @@ def epoch_indices(
     replacement with per-image weight p_{y_i} / n_{y_i}."""
     if kind not in SAMPLERS:
         raise ValueError(f"unknown sampler {kind!r}; allowed: {', '.join(SAMPLERS)}")
-    n = len(labels)
     if kind == "instance":
-        return torch.randperm(n, generator=generator)
-    counts = np.bincount(labels)
-    per_image = (class_probabilities(counts, kind, epoch, total_epochs) / np.maximum(counts, 1))[labels]
-    return torch.multinomial(torch.from_numpy(per_image), n, replacement=True, generator=generator)
+        return torch.randperm(len(labels), generator=generator)
+    return weighted_indices(labels, class_probabilities(np.bincount(labels), kind, epoch, total_epochs), generator)
+
+
+def weighted_indices(labels: np.ndarray, class_probs: np.ndarray, generator: torch.Generator) -> torch.Tensor:
+    """N indices drawn with replacement, image i with weight class_probs[y_i] / n_{y_i}."""
+    counts = np.bincount(labels, minlength=len(class_probs))
+    per_image = (class_probs / np.maximum(counts, 1))[labels]
+    return torch.multinomial(torch.from_numpy(per_image), len(labels), replacement=True, generator=generator)

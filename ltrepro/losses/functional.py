@@ -171,3 +171,37 @@ def offset_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, offsets: to
     """CE(z + b, y) with a fixed per-class offset b: balanced softmax (b = log n) and logit adjustment."""
     logits = logits.float()
     return cross_entropy(logits + offsets.to(device=logits.device, dtype=logits.dtype), labels)
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """CE against soft targets q (N, C), not renormalised (GLMC / FSGL, docs/methods/fsgl.md#losses):
+
+        L = -(1/N) sum_i sum_c q_ic log softmax(z_i)_c
+
+    FSGL's re-weighted targets q = lam w_a e_a + (1 - lam) w_b e_b do not sum to 1; keeping the
+    sum is what re-weights the classes.
+    """
+    return -(targets.float() * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
+
+
+def power_class_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-class weights w_c = C n_c^-beta / sum_j n_j^-beta (FSGL's label weighting, beta_l; mean 1).
+
+    Counts [100, 25]: beta 1 gives [0.4, 1.6]. A class without images counts as one image.
+    """
+    counts = as_counts(counts).clamp(min=1)
+    raw = counts.pow(-beta)
+    return raw / raw.sum() * len(counts)
+
+
+def simsiam_consistency(p_a: torch.Tensor, z_a: torch.Tensor, p_b: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
+    """Symmetric SimSiam term (Chen & He, CVPR'21, Eq. 1-2), FSGL's consistency between its views:
+
+        L = -(1/N) sum_i [cos(p_a,i, sg(z_b,i)) + cos(p_b,i, sg(z_a,i))]   in [-2, 2]
+
+    p = predictor outputs, z = projections, sg = stop-gradient (no temperature, no negatives).
+    """
+    def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return -F.cosine_similarity(p.float(), z.detach().float(), dim=1).mean()
+
+    return negative_cosine(p_a, z_b) + negative_cosine(p_b, z_a)

@@ -47,12 +47,13 @@ class Stage:
 
 @dataclass(frozen=True)
 class Tunable:
-    """A config key Optuna may tune, with its search range."""
+    """A config key Optuna may tune, with its search range (``integer``: an int-valued key)."""
 
     key: str
     low: float
     high: float
     log: bool = False
+    integer: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,9 @@ class Method:
             "stages": [
                 {"name": s.name, "config": s.section, "inputs": list(s.inputs), "reads": list(s.reads)} for s in self.stages
             ],
-            "tunables": [{"key": t.key, "low": t.low, "high": t.high, "log": t.log} for t in self.tunables],
+            "tunables": [
+                {"key": t.key, "low": t.low, "high": t.high, "log": t.log, "integer": t.integer} for t in self.tunables
+            ],
         }
 
     def stage(self, name: str) -> Stage:
@@ -100,4 +103,4 @@ def register(method: Method) -> Method:
 
 
 # Importing the method modules registers them.
-from ltrepro.methods import baselines, ffn, h2t  # noqa: E402,F401
+from ltrepro.methods import baselines, bns_ipdpp, ffn, fsgl, h2t  # noqa: E402,F401

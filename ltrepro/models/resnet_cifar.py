@@ -96,10 +96,18 @@ def resnet32(num_classes: int, in_channels: int) -> Classifier:
 
 @MODELS.register("resnet34_cifar")
 def resnet34_cifar(num_classes: int, in_channels: int) -> Classifier:
-    """FSGL's CIFAR ResNet-34 (FSGL ``model/ResNet_cifar.py``; docs/methods/README.md#backbones): [3,4,6,3]
+    """FSGL's and BNS's (CIFAR-100) CIFAR ResNet-34 (docs/methods/README.md#backbones): [3,4,6,3]
     blocks, 64..512, projection shortcuts.
 
-    PyTorch default init, as the reference; the backbone has 21,276,992 parameters.
+    PyTorch default init, as the references; the backbone has 21,276,992 parameters.
     """
     trunk = cifar_resnet_trunk([3, 4, 6, 3], [64, 128, 256, 512], in_channels, "B")
+    return Classifier(trunk, 512, num_classes)
+
+
+@MODELS.register("resnet18_cifar")
+def resnet18_cifar(num_classes: int, in_channels: int) -> Classifier:
+    """BNS's CIFAR-10 ResNet-18 (the kuangliu CIFAR layout; docs/methods/README.md#backbones): [2,2,2,2]
+    blocks, 64..512, projection shortcuts, PyTorch default init; the backbone has 11,168,832 parameters."""
+    trunk = cifar_resnet_trunk([2, 2, 2, 2], [64, 128, 256, 512], in_channels, "B")
     return Classifier(trunk, 512, num_classes)

@@ -4,6 +4,7 @@ Every image carries a unique id in its first 4 bytes, so overlaps and pixel mix-
 CIFAR-10 files are written like the originals (protocol 2, bytes keys); CIFAR-100 files with
 Python 3's default protocol and str keys, the other form a re-pickled file can take.
 """
+import dataclasses
 import os
 import pickle
 from pathlib import Path
@@ -196,3 +197,52 @@ def test_checksum_tables_match_torchvisions_published_lists(layout, dataset):
     assert layout.md5 == published
     assert layout.folder == dataset.base_folder
     assert set(layout.train_files) | {layout.test_file} == set(published)
+
+
+def test_cifar10_lt_ldam_subset_is_unchanged(tmp_path):
+    """index_hash of these files and settings, computed before data.split existed."""
+    write_cifar10(tmp_path)
+    assert build(cifar_config(tmp_path), seed=0).info["index_hash"] == "c06df42eb871b5ce"
+    assert build(cifar_config(tmp_path, split="ldam"), seed=1).info["index_hash"] == "bb52648418f8c671"
+    assert build(cifar_config(tmp_path, n_max=250, reserve=True), seed=0).info["index_hash"] == "30a904c3c226dbbc"
+    write_cifar100(tmp_path)
+    cfg = cifar_config(tmp_path, name="cifar100_lt", n_max=10, imbalance=5.0, val_per_class=3)
+    assert build(cfg, seed=0).info["index_hash"] == "581702624fbdf9c7"
+
+
+@pytest.mark.parametrize("reserve", [False, True])
+def test_cifar10_lt_honours_data_split(tmp_path, reserve):
+    train_data, train_labels = write_cifar10(tmp_path)
+    n_max = 250 if reserve else 200
+    built = {
+        split: build(cifar_config(tmp_path, n_max=n_max, reserve=reserve, split=split, split_seed=seed), seed=0)
+        for split, seed in (("ldam", None), ("glmc", 3407), ("first_n", None))
+    }
+    counts = built["ldam"].info["train_counts"]
+    for split, data in built.items():
+        assert data.info["split"] == split and data.info["train_counts"] == counts == data.train_counts.tolist()
+        train_ids, val_ids = image_ids(data.train.images), image_ids(data.val.images)
+        assert not set(train_ids) & set(val_ids) and len(set(train_ids)) == len(train_ids)
+        np.testing.assert_array_equal(train_labels[train_ids], data.train.labels)
+    assert built["ldam"].info["split_seed"] == 0 and built["first_n"].info["split_seed"] is None
+    assert built["glmc"].info["split_seed"] == 3407
+    assert len({data.info["index_hash"] for data in built.values()}) == 3
+
+    train_idx, _, _ = lt_split(train_labels, 10, n_max, 10.0, 20, 0, reserve, split="glmc", split_seed=3407)
+    np.testing.assert_array_equal(image_ids(built["glmc"].train.images), train_idx)
+    first = image_ids(built["first_n"].train.images)
+    left = np.setdiff1d(np.arange(len(train_labels)), image_ids(built["first_n"].val.images)) if reserve else None
+    for c, n in enumerate(counts):
+        in_class = np.flatnonzero(train_labels == c)  # image ids are positions in file order
+        if reserve:
+            in_class = np.intersect1d(in_class, left)
+        assert first[built["first_n"].train.labels == c].tolist() == in_class[:n].tolist()
+
+
+def test_cifar100_lt_glmc_with_the_paper_seed(tmp_path):
+    write_cifar100(tmp_path)
+    cfg = cifar_config(tmp_path, name="cifar100_lt", n_max=10, imbalance=5.0, val_per_class=3)
+    ldam, glmc = build(cfg, seed=0), build(dataclasses.replace(cfg, split="glmc", split_seed=3407), seed=0)
+    assert glmc.info["train_counts"] == ldam.info["train_counts"] == lt_counts(10, 5, 100)
+    assert glmc.info["index_hash"] != ldam.info["index_hash"]
+    assert not set(image_ids(glmc.train.images)) & set(image_ids(glmc.val.images))

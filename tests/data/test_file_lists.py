@@ -266,3 +266,46 @@ def test_registered_specs():
         spec = DATASETS.get(name)
         assert (spec.n_max, spec.val_per_class, spec.in_memory, spec.image_size) == (None, 20, False, 224)
     assert np.array_equal([DATASETS.get("cifar10_lt").n_max, DATASETS.get("cifar100_lt").n_max], [5000, 500])
+
+
+AS_RELEASED = r"data.split and data.split_seed apply only to datasets drawn from a balanced pool"
+
+
+@pytest.mark.parametrize("fmt", ["txt", "json"])
+@pytest.mark.parametrize("split", ["glmc", "first_n"])
+def test_imagenet_lt_refuses_a_subset_draw(tmp_path, fmt, split):
+    make_imagenet_lt(tmp_path, fmt=fmt)
+    message = rf"data.split={split}: imagenet_lt is long-tailed as released.*{AS_RELEASED}"
+    with pytest.raises(LtreproError, match=message):
+        build(config(tmp_path, "imagenet_lt", split=split))
+    with pytest.raises(LtreproError, match=r"data.split_seed=3407: imagenet_lt is long-tailed as released"):
+        build(config(tmp_path, "imagenet_lt", split_seed=3407))
+    assert build(config(tmp_path, "imagenet_lt", split="ldam")).info["train_counts"][:3] == [5, 3, 1]
+
+
+def test_inat18_refuses_a_subset_draw(tmp_path):
+    make_inat18(tmp_path)
+    message = rf"data.split=glmc: inat18 is long-tailed as released.*{AS_RELEASED}"
+    with pytest.raises(LtreproError, match=message):
+        build(config(tmp_path, "inat18", val_per_class=5, split="glmc"))
+    assert build(config(tmp_path, "inat18", val_per_class=5)).info["train_counts"] == [25, 8, 4]
+
+
+def test_imagefolder_lt_honours_data_split_when_it_draws(tmp_path):
+    folder = make_folder(tmp_path / "pets", {"cat": 10, "dog": 10, "emu": 10}, {"cat": 2, "emu": 1})
+    ldam = build(config(tmp_path, "imagefolder_lt", path=str(folder), imbalance=5.0, val_per_class=3), seed=0)
+    assert ldam.info["index_hash"] == "d71b99a5a3abff02"  # computed before data.split existed
+    first = build(config(tmp_path, "imagefolder_lt", path=str(folder), imbalance=5.0, val_per_class=3, split="first_n"))
+    expected = [str(folder / "train" / name / f"{i:02d}.{'PNG' if i % 2 else 'jpg'}")
+                for name, n in zip(first.class_names, [10, 4, 2]) for i in range(n)]
+    assert first.train.paths == expected and first.info["split"] == "first_n"
+    glmc = build(config(tmp_path, "imagefolder_lt", path=str(folder), imbalance=5.0, val_per_class=3,
+                        split="glmc", split_seed=3407))
+    for data in (first, glmc):
+        assert data.train_counts.tolist() == [10, 4, 2] and data.info["val_counts"] == [0, 3, 3]
+        assert not set(data.train.paths) & set(data.val.paths)
+    assert glmc.info["split_seed"] == 3407
+    assert len({data.info["index_hash"] for data in (ldam, first, glmc)}) == 3
+    message = r"data.split=glmc: imagefolder_lt with data.imbalance=1 uses train/ as it is.*" + AS_RELEASED
+    with pytest.raises(LtreproError, match=message):
+        build(config(tmp_path, "imagefolder_lt", path=str(folder), imbalance=1.0, split="glmc"))

@@ -99,3 +99,33 @@ def test_same_size_corruption_is_caught_and_changes_the_data_hash(tmp_path, fmni
     (tmp_path / "data/raw/fashion-mnist/manifest.json").unlink()
     with pytest.raises(LtreproError, match="manifest.json is missing, so the data files cannot be checked"):
         load_data(cfg, seed=0, root=tmp_path)
+
+
+def test_ldam_subset_is_unchanged(tmp_path, fmnist_source):
+    """index_hash of the fixture's data, computed before data.split existed."""
+    fmnist.prepare(tmp_path / "data/raw", fmnist_source)
+    cfg = DataConfig(n_max=20, imbalance=10, val_per_class=5, image_size=28)
+    assert load_data(cfg, seed=0, root=tmp_path).info["index_hash"] == "529deada3720d7c2"
+    reserved = DataConfig(n_max=20, imbalance=10, val_per_class=5, image_size=28, reserve=True)
+    assert load_data(reserved, seed=0, root=tmp_path).info["index_hash"] == "39f1f352fa4e483c"
+
+
+@pytest.mark.parametrize("reserve", [False, True])
+def test_every_split_draws_the_same_counts_and_keeps_val_apart(tmp_path, fmnist_source, reserve):
+    fmnist.prepare(tmp_path / "data/raw", fmnist_source)
+    labels = fmnist.load_arrays(tmp_path / "data/raw")["train_labels"]
+    hashes = set()
+    for split in ("ldam", "glmc", "first_n"):
+        cfg = DataConfig(n_max=20, imbalance=10, val_per_class=5, image_size=28, reserve=reserve, split=split)
+        data = load_data(cfg, seed=0, root=tmp_path)
+        assert data.info["split"] == split and data.info["split_seed"] == (None if split == "first_n" else 0)
+        assert data.train_counts.tolist() == data.info["train_counts"] == [20, 15, 11, 9, 7, 5, 4, 3, 2, 2]
+        assert np.bincount(data.val.labels).tolist() == [5] * 10
+        train = {bytes(x.numpy()) for x in data.train.images}
+        assert len(train) == len(data.train) and not any(bytes(x.numpy()) in train for x in data.val.images)
+        hashes.add(data.info["index_hash"])
+        if split == "first_n" and not reserve:
+            images = fmnist.load_arrays(tmp_path / "data/raw")["train_images"]
+            expected = [images[np.flatnonzero(labels == c)[:n]] for c, n in enumerate(data.info["train_counts"])]
+            assert np.array_equal(data.train.images[:, 0].numpy(), np.concatenate(expected))
+    assert len(hashes) == 3
