@@ -10,18 +10,22 @@ from ltrepro.methods import METHODS
 from ltrepro.runner import train
 from ltrepro.scoring import evaluate_run
 
-FAST = ["stage1.epochs=2", "stage2.epochs=2", "stage2.batch_size=16", "ffn.kps_params={ga_epoch: 1}"]
+FAST = ["stage1.epochs=2", "stage1.batch_size=16", "stage2.epochs=2", "stage2.batch_size=16", "ffn.kps_params={ga_epoch: 1}",
+        "probe.epochs=2", "ipdpp.k=5"]
 
 
 def weights(run_dir):
     return torch.load(run_dir / "best.pt", weights_only=True)["model"]
 
 
-def stage2_prefixes(method: str) -> dict[str, str]:
-    """Where each stage-1 backbone sits inside the stage-2 model's state dict."""
+def frozen_stage(method: str) -> tuple[str, dict[str, str]]:
+    """The stage that trains a head on frozen input backbones, and where each input's backbone sits
+    inside its state dict."""
     if method == "ffn":
-        return {"stage1_ce": "ce.backbone.", "stage1_kps": "kps.backbone."}
-    return {"stage1": "backbone.backbone."}
+        return "stage2", {"stage1_ce": "ce.backbone.", "stage1_kps": "kps.backbone."}
+    if method == "bns_ipdpp":
+        return "probe", {"pretrain": "backbone.backbone."}
+    return "stage2", {"stage1": "backbone.backbone."}
 
 
 @pytest.mark.parametrize("name", METHODS.names())
@@ -36,9 +40,11 @@ def test_method_runs_end_to_end_and_hands_off_exact_weights(project, name):
     assert rebuilt["test_top1"] == results[-1].metrics["test_top1"]
     if len(method.stages) == 1:
         return
-    stage2 = weights(by_stage["stage2"].run_dir)
-    shift_bn = yaml.safe_load((by_stage["stage2"].run_dir / "config.yaml").read_text())["stage2"]["bn"] == "shift"
-    for stage, prefix in stage2_prefixes(name).items():
+    head_stage, prefixes = frozen_stage(name)
+    stage2 = weights(by_stage[head_stage].run_dir)
+    section = method.stage(head_stage).section
+    shift_bn = yaml.safe_load((by_stage[head_stage].run_dir / "config.yaml").read_text())[section]["bn"] == "shift"
+    for stage, prefix in prefixes.items():
         stage1 = weights(by_stage[stage].run_dir)
         backbone = {k.removeprefix("backbone."): v for k, v in stage1.items() if k.startswith("backbone.")}
         for key, value in backbone.items():
@@ -48,11 +54,15 @@ def test_method_runs_end_to_end_and_hands_off_exact_weights(project, name):
             assert torch.equal(frozen, value), f"{name}: {stage} {key} changed in stage 2"
     head_keys = [k for k in stage2 if k.startswith("head.")]
     assert head_keys
-    stage1_head = {k: v for k, v in weights(results[-2].run_dir).items() if k.startswith("head.")}
+    stage1_head = {k: v for k, v in weights(by_stage[method.stage(head_stage).inputs[-1]].run_dir).items() if k.startswith("head.")}
     changed = [k for k in head_keys if k not in stage1_head or not torch.equal(stage2[k], stage1_head[k])]
-    assert changed, f"{name}: stage 2 did not train its head"
-    run_json = json.loads((by_stage["stage2"].run_dir / "run.json").read_text())
+    assert changed, f"{name}: {head_stage} did not train its head"
+    run_json = json.loads((results[-1].run_dir / "run.json").read_text())
     assert set(run_json["inputs"]) == set(method.stages[-1].inputs)
+    if name == "bns_ipdpp":  # the fine-tune trains the whole pre-trained network
+        encoder, tuned = weights(by_stage["pretrain"].run_dir), weights(results[-1].run_dir)
+        assert all(k in tuned for k in encoder if k.startswith("backbone."))
+        assert any(not torch.equal(tuned[k], v) for k, v in encoder.items() if k.startswith("backbone.") and v.is_floating_point())
 
 
 def test_finished_stages_are_reused_not_retrained(project):
