@@ -15,11 +15,12 @@ from ltrepro.rebuild import load_run
 from ltrepro.runner import train
 
 FAST = ["stage1.epochs=2", "stage2.epochs=2", "stage2.batch_size=16", "ffn.kps_params={ga_epoch: 1}"]
+NEW_METHODS = ["stage1.batch_size=16", "probe.epochs=1", "ipdpp.k=5"]  # the fixture's 90 images: full BNS batches
 
 
-@pytest.mark.parametrize("method", ["ffn", "h2t"])
+@pytest.mark.parametrize("method", ["ffn", "h2t", "fsgl", "bns_ipdpp"])
 def test_export_matches_pytorch_and_carries_preprocessing(project, tmp_path, method):
-    final = train(project / "params.yaml", [f"method={method}", *FAST])[-1]
+    final = train(project / "params.yaml", [f"method={method}", *FAST, *NEW_METHODS])[-1]
     out = tmp_path / "model.onnx"
     result = export_run(str(final.run_dir), out, None)
     assert result["parity_top1_agreement"] == 1.0 and result["parity_max_abs_diff"] <= result["parity_tolerance"]

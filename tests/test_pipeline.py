@@ -51,6 +51,9 @@ def repo(tmp_path, monkeypatch):
     params["data"].update(n_max=20, imbalance=10, val_per_class=5)
     params["stage1"].update(epochs=1, warmup_epochs=0)
     params["recipes"]["ffn"]["stage2"]["epochs"] = 2
+    params["recipes"]["bns_ipdpp"]["stage1"].update(epochs=1, batch_size=16)
+    params["recipes"]["bns_ipdpp"]["stage2"].update(epochs=2, batch_size=16)
+    params["probe"]["epochs"], params["ipdpp"]["k"] = 1, 5
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("PYTHONPATH", str(root))
@@ -125,6 +128,15 @@ def test_dvc_repro_runs_the_pipeline_then_does_nothing_and_exp_run_is_tracked(re
     assert evaluated["run_dir"].endswith("models/stage1-1") and 0 <= evaluated["test_top1"] <= 100
     assert json.loads((repo / "metrics/export.json").read_text())["parity_top1_agreement"] >= 0.99
 
+    # a three-stage method: pre-training in slot 1, the probe in the depth-2 slot, the fine-tune in the depth-3 slot
+    run(repo, "dvc", "exp", "run", "-n", "bns", "-S", "method=bns_ipdpp")
+    assert json.loads((repo / "models/stage1-2/run.json").read_text())["status"] == "UNUSED"
+    stages = [json.loads((repo / "models" / slot / "run.json").read_text()) for slot in ("stage1-1", "stage2", "stage3")]
+    assert [(s["method"], s["stage"], s["final"]) for s in stages] == [
+        ("bns_ipdpp", "pretrain", False), ("bns_ipdpp", "probe", False), ("bns_ipdpp", "finetune", True)]
+    assert json.loads((repo / "metrics/test.json").read_text())["run_dir"].endswith("models/stage3")
+    assert json.loads((repo / "metrics/export.json").read_text())["parity_top1_agreement"] >= 0.99
+
 
 @needs_fmnist
 def test_mlflow_run_main_chains_steps_and_a_stage2_sweep_reuses_stage1(repo):
@@ -159,3 +171,22 @@ def test_unknown_entry_point_parameter_is_one_line(repo, parameter, message):
     done = run(repo, "mlflow", "run", ".", "-e", "stage1", "--env-manager", "local", "-P", parameter, check=False)
     assert done.returncode != 0 and message in done.stdout + done.stderr
     assert not (repo / "runs").exists()
+
+
+def test_every_dvc_slot_tracks_the_params_its_stages_read():
+    """`dvc exp run -S fsgl.contrast_weight=2` must rerun the slot that reads it: each slot's params
+    cover the top-level blocks that every stage of that depth, and its inputs, read."""
+    from ltrepro.methods import METHODS
+    from ltrepro.stage_keys import stage_reads
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for method in map(METHODS.get, METHODS.names()):
+        for stage in method.stages:
+            tracked = set(stages[f"stage{method.depth(stage)}"]["params"])
+            needed, todo = set(), [stage]
+            while todo:
+                current = todo.pop()
+                needed |= {path.split(".")[0] for path in stage_reads(current)}
+                todo += [method.stage(name) for name in current.inputs]
+            missing = {block for block in needed if block not in tracked and not any(p.startswith(block + ".") for p in tracked)}
+            assert not missing, f"dvc.yaml stage{method.depth(stage)} misses {sorted(missing)} read by {method.name}/{stage.name}"
