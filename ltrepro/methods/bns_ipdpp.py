@@ -184,10 +184,12 @@ class IPDPPLoader:
         return -(-self.size // self.stage.batch_size)
 
     def set_epoch(self, epoch: int, model: nn.Module) -> None:
-        if self.subset is None or epoch in self.redraws and self.ipdpp.sampler != "repo":
+        redraw = self.subset is None or epoch in self.redraws and self.ipdpp.sampler != "repo"
+        if redraw:
             self.subset = torch.from_numpy(self.draw(model))
-        self.loader = split_loader(self.data.train.subset(self.subset.numpy()), self.data, self.stage.batch_size, self.device,
-                                   self.augment, "instance", self.stage.epochs, self.num_workers)  # fmt: skip
+        if redraw or self.loader is None:  # a resumed run rebuilds the loader of its restored subset
+            self.loader = split_loader(self.data.train.subset(self.subset.numpy()), self.data, self.stage.batch_size,
+                                       self.device, self.augment, "instance", self.stage.epochs, self.num_workers)  # fmt: skip
 
     def epoch(self, epoch: int = 0, generator: torch.Generator | None = None):
         return self.loader.epoch(epoch, generator)
