@@ -112,6 +112,8 @@ def inert_settings(cfg: Config) -> list[tuple[str, tuple[str, ...]]]:
         for param, value in block.loss_params.items():
             if param.endswith("_epoch") and isinstance(value, int) and value >= block.epochs:
                 found.append((f"{stage.name}: loss {block.loss} never reaches {param} {value} ({last})", (f"{name}.loss_params",)))
+        if block.update != "sam" and block.sam != type(block.sam)():  # a SAM setting given without SAM
+            found.append((f"{stage.name}: {name}.update is {block.update!r}, so {name}.sam is never used", (f"{name}.sam.rho",)))
         if block.schedule == "multistep" and block.milestones and min(block.milestones) >= block.epochs:
             found.append((f"{stage.name}: the lr never decays (milestones {block.milestones}, {last})", (f"{name}.gamma",)))
     return found

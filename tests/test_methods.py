@@ -28,10 +28,14 @@ def frozen_stage(method: str) -> tuple[str, dict[str, str]]:
     return "stage2", {"stage1": "backbone.backbone."}
 
 
+# the tiny project has no recipes: FSGL's SAM and feature scaling switched on here
+EXTRA = {name: ["stage1.update=sam", "stage1.fcc=0.5"] for name in ("fsgl", "fsgl_crt", "fsgl_h2t")}
+
+
 @pytest.mark.parametrize("name", METHODS.names())
 def test_method_runs_end_to_end_and_hands_off_exact_weights(project, name):
     method = METHODS.get(name)
-    results = train(project / "params.yaml", [f"method={name}", *FAST])
+    results = train(project / "params.yaml", [f"method={name}", *FAST, *EXTRA.get(name, [])])
     assert [r.stage for r in results] == [s.name for s in method.stages]
     by_stage = {r.stage: r for r in results}
     for result in results:

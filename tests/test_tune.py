@@ -221,3 +221,60 @@ def test_a_study_whose_trials_all_score_the_same_says_so(project, monkeypatch):
     monkeypatch.setattr(tune_module, "run_method", lambda cfg, root, hook: flat)
     summary = tune([project / "params.yaml"], [*FAST, "tune.trials=3"], project)
     assert summary["warning"].startswith("all 3 completed trials scored 50.00")
+
+
+# (method, overrides, {tuned key: (low, high, integer)}): the ranges the methods declare, the paper's.
+STUDIES = [
+    ("fsgl", ["stage1.epochs=2", "stage1.update=sam", "stage1.fcc=0.5"],
+     {"stage1.fcc": (0.05, 2.0, False), "stage1.sam.rho": (0.01, 0.5, False), "fsgl.contrast_weight": (0.5, 10.0, False)}),
+    ("bns_ipdpp", ["stage1.epochs=1", "stage1.batch_size=16", "probe.epochs=1", "stage2.epochs=2", "stage2.batch_size=16"],
+     {"ipdpp.k": (20, 400, True), "ipdpp.every": (1, 5, True)}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("method, overrides, space", STUDIES, ids=[s[0] for s in STUDIES])
+def test_six_trial_study_suggests_in_range_typed_values_and_reuses_unchanged_stages(project, method, overrides, space):
+    from pathlib import Path
+
+    import yaml
+
+    fast = [f"method={method}", "data.n_max=10", *overrides, "tune.trials=6", "tune.pruner=none"]
+    summary = tune([project / "params.yaml"], fast, project)
+    assert summary["complete"] == 6 and "fail" not in summary, summary
+    study = optuna.load_study(study_name=f"{method}-fmnist_lt", storage=f"sqlite:///{project / 'optuna.db'}")
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trials) == len(study.trials) == 6
+    declared = {t.key: t for t in METHODS.get(method).tunables}
+    assert set(declared) == set(space)
+    for trial in trials:
+        assert set(trial.params) == set(space)
+        config = yaml.safe_load((Path(trial.user_attrs["final_run_dir"]) / "method_config.yaml").read_text())
+        for key, (low, high, integer) in space.items():
+            value, distribution = trial.params[key], trial.distributions[key]
+            assert low <= value <= high and (declared[key].low, declared[key].high) == (low, high), (key, value)
+            if integer:
+                assert type(value) is int, (key, value)
+                assert isinstance(distribution, optuna.distributions.IntDistribution), (key, distribution)
+            else:
+                assert isinstance(value, float) and isinstance(distribution, optuna.distributions.FloatDistribution)
+            assert (distribution.low, distribution.high, distribution.log) == (low, high, declared[key].log)
+            block, _, name = key.partition(".")
+            ran = config[block]
+            for part in name.split("."):
+                ran = ran[part]
+            assert ran == value and type(ran) is type(value), (key, ran, value)  # what the trial's run was trained with
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+
+    def stage_runs(stage: str) -> int:
+        found = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                   filter_string=f"tags.method = '{method}' and tags.stage = '{stage}'")  # fmt: skip
+        dirs = [d for d in (project / "runs").iterdir() if f"{method}-{stage}-" in d.name]
+        assert len(found) == len(dirs), stage
+        return len(found)
+
+    combinations = len({tuple(sorted(t.params.items())) for t in trials})
+    stages = [s.name for s in METHODS.get(method).stages]
+    assert stage_runs(stages[-1]) == combinations  # the stage the tuned values change: one run per distinct trial
+    for stage in stages[:-1]:  # bns_ipdpp's pre-training and probe: trained by trial 0, reused after
+        assert stage_runs(stage) == 1

@@ -31,6 +31,7 @@ from ltrepro.data import LTData
 from ltrepro.data.lt import class_indices
 from ltrepro.data.loader import make_loader, split_loader
 from ltrepro.data.simclr import SimclrAugment
+from ltrepro.errors import LtreproError
 from ltrepro.losses.contrastive import bns_loss
 from ltrepro.methods import Method, Stage, Tunable, register
 from ltrepro.models.network import Classifier
@@ -129,7 +130,9 @@ def pretrain_stage(cfg: Config, data: LTData, inputs: dict[str, Path], device: t
     loader = make_loader(data, "train", stage.batch_size, device, SimclrAugment(bns.color_strength), "instance",
                          stage.epochs, cfg.data.num_workers, views=2, drop_last=True)  # fmt: skip
     if len(loader) == 0:
-        raise ValueError(f"stage1.batch_size={stage.batch_size} exceeds the {len(data.train)} training images; BNS needs full batches")
+        raise LtreproError(
+            f"stage1.batch_size={stage.batch_size} exceeds the {len(data.train)} training images; BNS pre-training needs full batches"
+        )
     readout = NearestClassMean(data, stage.eval_batch_size, device, cfg.data.num_workers)
     groups = [{"params": list(model.parameters()), "lr": scaled_lr(cfg, stage)}]
     return make_plan(stage, model, BNSObjective(bns.tau), loader, groups, readout)
@@ -202,7 +205,7 @@ class IPDPPLoader:
             keep |= dpp.repo_subsets([len(idx) for idx in self.classes], self.ipdpp.k, self.ipdpp.repo_seed)
             self.costs = {"redraw_seconds": time.perf_counter() - start}
             return self.indices(keep)
-        scores, features = self.score(model) if self.ipdpp.sampler == "exact" else ({}, {})
+        scores, features = self.score(model) if self.ipdpp.sampler == "exact" and self.large else ({}, {})
         scored = time.perf_counter()
         for c in self.large:
             n = len(self.classes[c])
@@ -250,7 +253,7 @@ class IPDPPLoader:
 
     def load_epoch_state(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
-        self.subset = state["subset"]
+        self.subset, self.loader = state["subset"], None
 
 
 class EpochOf:

@@ -11,8 +11,8 @@ from ltrepro.errors import LtreproError
 from ltrepro.models import MODELS, Classifier, create_model
 
 NUM_CLASSES = 10
-CIFAR_NETS = {"resnet32", "resnet34_cifar"}
-FEATURE_DIM = {"resnet32": 64, "resnet34_cifar": 512, "resnet50": 2048, "resnext50_32x4d": 2048}
+CIFAR_NETS = {"resnet32", "resnet18_cifar", "resnet34_cifar"}
+FEATURE_DIM = {"resnet32": 64, "resnet18_cifar": 512, "resnet34_cifar": 512, "resnet50": 2048, "resnext50_32x4d": 2048}
 
 # (name, in_channels, side): every model on 3x32x32, and on 1-channel inputs (Fashion-MNIST is 1x28x28;
 # the ImageNet nets only check their replaced stem, at 32x32).
@@ -101,3 +101,11 @@ def test_torchvision_nets_match_torchvision_sizes(name: str, expected: int) -> N
 def test_unknown_model_is_a_user_error() -> None:
     with pytest.raises(LtreproError, match="resnet32"):
         create_model("resnet33", 10, 3)
+
+
+@pytest.mark.parametrize(("name", "expected"), [("resnet18_cifar", 11_168_832), ("resnet34_cifar", 21_276_992)])
+def test_bns_backbones_match_the_reference_sizes(name: str, expected: int) -> None:
+    """BNS's CIFAR-10 ResNet-18 and CIFAR-100 ResNet-34 (docs/methods/README.md#backbones), 3-channel input, no head."""
+    model = built(name, 3)
+    assert sum(p.numel() for p in model.backbone.parameters()) == expected
+    assert model.feature_dim == 512
