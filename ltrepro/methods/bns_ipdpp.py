@@ -56,7 +56,7 @@ class BNSConfig:
 class ProbeConfig(StageConfig):
     """Linear probing (docs/methods/bns_ipdpp.md#linear-probing): a StageConfig plus the subset and BN mode."""
 
-    epochs: int = bounded(30, 1)
+    epochs: int = bounded(100, 1)
     optimizer: Literal["sgd", "adamw"] = "adamw"
     lr: float = bounded(0.001, 0.0)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -73,7 +73,7 @@ class IPDPPConfig:
     """IP-DPP undersampling of the fine-tune (docs/methods/bns_ipdpp.md#ip-dpp-undersampling)."""
 
     k: int = bounded(50, 1)  # images kept per class larger than k; smaller classes are kept whole
-    every: int = bounded(2, 1)  # F: redraw before epoch 0 and before epoch e when (e + 1) % F == 0 and e + 1 < E
+    every: int = bounded(10, 1)  # F: redraw before epoch 0 and before epoch e when (e + 1) % F == 0 and e + 1 < E
     sampler: Literal["exact", "repo", "uniform"] = "exact"  # exact k-DPP | the released code's subsets | uniform k
     kernel: Literal["reference", "features"] = "reference"  # p-only kernel (near identity) | quality x diversity
     scores: Literal["clean", "augmented"] = "clean"  # p_i on un-augmented images, or the training views (B11)
