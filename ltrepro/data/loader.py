@@ -84,6 +84,17 @@ class CropFlip:
         return augment_batch(images, **randoms, augment=self.config)
 
 
+def training_order(loader: "DeviceLoader | FileLoader", generator: torch.Generator | None, epoch: int) -> torch.Tensor:
+    """One epoch of a training loader's indices: stored order (``ordered``), draws ∝ n_c^q
+    (``class_power``), or its sampler's."""
+    labels = loader.label_array
+    if loader.ordered:
+        return torch.arange(len(labels))
+    if loader.class_power is not None:
+        return weighted_indices(labels, power_probabilities(np.bincount(labels), loader.class_power), generator)
+    return epoch_indices(labels, loader.sampler, generator, epoch, loader.total_epochs)
+
+
 def moved(draws, device: torch.device):
     """An augmenter's draws (a dict of tensors or an object with ``to``) on ``device``."""
     if isinstance(draws, dict):
@@ -139,20 +150,12 @@ class DeviceLoader:
         images = (images - self.mean) / self.std
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
-    def _order(self, generator: torch.Generator | None, epoch: int) -> torch.Tensor:
-        if self.ordered:
-            return torch.arange(len(self.labels))
-        if self.class_power is not None:
-            class_probs = power_probabilities(np.bincount(self.label_array), self.class_power)
-            return weighted_indices(self.label_array, class_probs, generator)
-        return epoch_indices(self.label_array, self.sampler, generator, epoch, self.total_epochs)
-
     def epoch(self, epoch: int = 0, generator: torch.Generator | None = None) -> Iterator[Batch]:
         n = len(self.labels)
         if self.augment is None:
             order, draws = torch.arange(n), []
         else:
-            order = self._order(generator, epoch)
+            order = training_order(self, generator, epoch)
             h, w = self.images.shape[2:]
             draws = [moved(self.augment.draw(n, h, w, generator), self.device) for _ in range(self.views)]
         order = order.to(self.device, non_blocking=True)
@@ -234,13 +237,7 @@ class FileLoader:
 
     def epoch(self, epoch: int = 0, generator: torch.Generator | None = None) -> Iterator[Batch]:
         if self.train:
-            if self.ordered:
-                order = list(range(len(self.dataset)))
-            elif self.class_power is not None:
-                class_probs = power_probabilities(np.bincount(self.label_array), self.class_power)
-                order = weighted_indices(self.label_array, class_probs, generator).tolist()
-            else:
-                order = epoch_indices(self.label_array, self.sampler, generator, epoch, self.total_epochs).tolist()
+            order = training_order(self, generator, epoch).tolist()
             worker_seed = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
         else:
             order, worker_seed = range(len(self.dataset)), None
