@@ -118,7 +118,8 @@ def search_space(cfg: Config, method: Method) -> list[Tunable]:
         if not numbers or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds):
             raise LtreproError(f"tune.space.{key}: expected [low, high], two numbers; got {bounds!r}")
         tunable = declared[key]
-        low, high = (int if tunable.integer else float)(bounds[0]), (int if tunable.integer else float)(bounds[1])
+        number = int if tunable.integer else float
+        low, high = number(bounds[0]), number(bounds[1])
         if not low < high:
             raise LtreproError(f"tune.space.{key}: the range [{low}, {high}] is empty; low must be below high")
         if low < tunable.low or high > tunable.high:
