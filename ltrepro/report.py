@@ -33,21 +33,37 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
     return grid
 
 
-def finished_metrics(key: str) -> dict | None:
+def finished_run(key: str):
+    """The newest FINISHED MLflow run tagged with stage key ``key``, or None."""
     import mlflow
 
     runs = mlflow.search_runs(
         search_all_experiments=True, filter_string=f"tags.stage_key = '{key}' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"], max_results=1, output_format="list",
     )  # fmt: skip
-    return dict(runs[0].data.metrics) if runs else None
+    return runs[0] if runs else None
+
+
+def seed_result(plan: list) -> dict | None:
+    """The final stage's metrics plus ``wall_s``, each stage's wall time in seconds (its MLflow run's
+    end - start; a stage reused from another method counts its own run), or None when the final
+    stage has not finished."""
+    final = finished_run(plan[-1][2])
+    if final is None:
+        return None
+    walls = {}
+    for stage, _, key in plan:
+        run = final if key == plan[-1][2] else finished_run(key)
+        if run is not None and run.info.end_time:
+            walls[stage.name] = (run.info.end_time - run.info.start_time) / 1000
+    return {**final.data.metrics, "wall_s": walls}
 
 
 def collect(
     paths: list[Path] | None, root: Path, methods: list[str], seeds: list[int], overrides: list[str],
     grid: dict[str, list[str]] | None = None,
 ) -> dict:  # fmt: skip
-    """{row: {seed: metrics or None}} for the final stage of each method at each grid point."""
+    """{row: {seed: metrics (with ``wall_s``) or None}} for the final stage of each method at each grid point."""
 
     open_store(root)
     grid = grid or {}
@@ -59,13 +75,21 @@ def collect(
             results[row] = {}
             for seed in seeds:
                 cfg = resolve(load_config(paths, [*overrides, *settings, f"method={method}", f"seed={seed}"]))
-                results[row][seed] = finished_metrics(plan_method(cfg)[-1][2])
+                results[row][seed] = seed_result(plan_method(cfg))
     return results
 
 
+def wall_cell(results: list[dict]) -> str:
+    """Mean wall minutes of each stage over the finished seeds, in stage order: 'stage1 6.5 + stage2 1.0'."""
+    names = list(dict.fromkeys(name for result in results for name in result.get("wall_s", {})))
+    means = [(name, np.mean([r["wall_s"][name] for r in results if name in r.get("wall_s", {})]) / 60) for name in names]
+    return " + ".join(f"{name} {minutes:.1f}" for name, minutes in means) or "-"
+
+
 def markdown_table(results: dict) -> str:
-    """Mean ± std (ddof 1) over the seeds that finished; missing seeds are named."""
-    header = "| method | seeds | top-1 | many | medium | few | ECE |\n|---|---|---|---|---|---|---|\n"
+    """Mean ± std (ddof 1) over the seeds that finished, and each stage's mean wall time; missing
+    seeds are named."""
+    header = "| method | seeds | top-1 | many | medium | few | ECE | wall (min per stage) |\n|---|---|---|---|---|---|---|---|\n"
     rows = []
     for method, by_seed in results.items():
         done = {seed: m for seed, m in by_seed.items() if m is not None}
@@ -74,6 +98,7 @@ def markdown_table(results: dict) -> str:
             values = np.array([m.get(column, np.nan) for m in done.values()], dtype=float)
             spread = f" ± {values.std(ddof=1):.2f}" if len(values) > 1 else ""
             cells.append(f"{values.mean():.2f}{spread}" if len(values) else "-")
+        cells.append(wall_cell(list(done.values())))
         missing = [s for s, m in by_seed.items() if m is None]
         seeds = ",".join(map(str, done)) + (f" (missing {','.join(map(str, missing))})" if missing else "")
         rows.append(f"| {method} | {seeds} | " + " | ".join(cells) + " |")

@@ -127,7 +127,11 @@ def test_report_reads_the_runs_the_runner_made(project):
     assert table["crt"][0]["test_top1"] == results[-1].metrics["test_top1"]
     assert table["ce"][0]["test_top1"] == results[0].metrics["test_top1"]  # cRT's stage 1 is CE's
     assert table["crt"][1] is None and table["h2t"][0] is None
+    walls = table["crt"][0]["wall_s"]
+    assert list(walls) == ["stage1", "stage2"] and all(seconds > 0 for seconds in walls.values())
+    assert walls["stage1"] == table["ce"][0]["wall_s"]["stage1"]  # the reused stage counts its own run
     text = markdown_table(table)
+    assert f"| stage1 {walls['stage1'] / 60:.1f} + stage2 {walls['stage2'] / 60:.1f} |" in text
     assert f"| crt | 0 (missing 1) | {results[-1].metrics['test_top1']:.2f} |" in text
     assert "| h2t |  (missing 0,1) | - |" in text
     grid = collect([project / "params.yaml"], project, ["crt"], [0], FAST, {"data.imbalance": ["10", "5"]})
