@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     report.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                         help="one row per value (and method), e.g. --grid data.imbalance=10,100; repeat for a product")  # fmt: skip
+    report.add_argument("--stage", help="report this stage of each method (e.g. probe) instead of its final one")
     report.add_argument("--out", type=Path, help="also write the markdown table here")
 
     bench = commands.add_parser("bench", help="benchmarks; results are written to files")
@@ -353,7 +354,9 @@ def command_report(args: argparse.Namespace) -> None:
     from ltrepro.report import collect, markdown_table, parse_grid
 
     grid = parse_grid(args.grid)
-    table = markdown_table(collect(config_files(args), project_root(args), args.methods, args.seeds, args.overrides, grid))
+    table = markdown_table(
+        collect(config_files(args), project_root(args), args.methods, args.seeds, args.overrides, grid, args.stage)
+    )
     print(table)
     if args.out:
         args.out.write_text(table)

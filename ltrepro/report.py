@@ -59,11 +59,22 @@ def seed_result(plan: list) -> dict | None:
     return {**final.data.metrics, "wall_s": walls}
 
 
+def up_to(plan: list, stage: str | None, method: str) -> list:
+    """The plan through the stage named ``stage`` (all of it when None)."""
+    names = [entry[0].name for entry in plan]
+    if stage is None:
+        return plan
+    if stage not in names:
+        raise LtreproError(f"--stage {stage!r}: method {method} has stages {', '.join(names)}")
+    return plan[: names.index(stage) + 1]
+
+
 def collect(
     paths: list[Path] | None, root: Path, methods: list[str], seeds: list[int], overrides: list[str],
-    grid: dict[str, list[str]] | None = None,
+    grid: dict[str, list[str]] | None = None, stage: str | None = None,
 ) -> dict:  # fmt: skip
-    """{row: {seed: metrics (with ``wall_s``) or None}} for the final stage of each method at each grid point."""
+    """{row: {seed: metrics (with ``wall_s``) or None}} for the final stage of each method (or the
+    stage named ``stage``, with the stages before it) at each grid point."""
 
     open_store(root)
     grid = grid or {}
@@ -75,7 +86,7 @@ def collect(
             results[row] = {}
             for seed in seeds:
                 cfg = resolve(load_config(paths, [*overrides, *settings, f"method={method}", f"seed={seed}"]))
-                results[row][seed] = seed_result(plan_method(cfg))
+                results[row][seed] = seed_result(up_to(plan_method(cfg), stage, method))
     return results
 
 

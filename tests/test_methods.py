@@ -6,6 +6,7 @@ import torch
 import yaml
 
 from ltrepro.cli import main
+from ltrepro.errors import LtreproError
 from ltrepro.methods import METHODS
 from ltrepro.runner import train
 from ltrepro.scoring import evaluate_run
@@ -137,3 +138,7 @@ def test_report_reads_the_runs_the_runner_made(project):
     grid = collect([project / "params.yaml"], project, ["crt"], [0], FAST, {"data.imbalance": ["10", "5"]})
     assert grid["crt, data.imbalance=10"][0]["test_top1"] == results[-1].metrics["test_top1"]  # the fixture's IF
     assert grid["crt, data.imbalance=5"][0] is None
+    first = collect([project / "params.yaml"], project, ["crt"], [0], FAST, stage="stage1")
+    assert first["crt"][0]["test_top1"] == results[0].metrics["test_top1"] and list(first["crt"][0]["wall_s"]) == ["stage1"]
+    with pytest.raises(LtreproError, match="--stage 'probe': method crt has stages stage1, stage2"):
+        collect([project / "params.yaml"], project, ["crt"], [0], FAST, stage="probe")
