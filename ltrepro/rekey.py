@@ -1,11 +1,12 @@
-"""``ltrepro rekey``: give finished runs keyed the old way (stage-key version 1) today's keys.
+"""``ltrepro rekey``: give finished runs keyed the old way today's keys.
 
 A version-1 key hashed a stage's whole config block and the method name; today's keys hash the
 builder's identity and exactly what the stage reads (``ltrepro.stage_keys``). Neither changes what
 a run computed, so a finished run is re-keyed from its saved config, never retrained: its config
 is migrated (keys that moved, e.g. ``stage2.lam`` to ``ffn.lam``), its inputs are re-keyed first,
 and ``run.json`` and the MLflow run's ``stage_key`` tag get the new key. ``ltrepro report`` and
-reuse then find these runs again.
+reuse then find these runs again. The same mends runs whose key rule changed within version 2 (a
+bns_ipdpp fine-tune once keyed by the probe it does not load).
 """
 from __future__ import annotations
 

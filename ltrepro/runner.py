@@ -256,7 +256,8 @@ def run_stage(
     device = select_device(cfg.device)
     torch.manual_seed(cfg.seed)
     data = load_data(cfg.data, cfg.seed, root)
-    inputs = resolve_inputs(input_specs, root)
+    loaded = stage.loaded_inputs(cfg)
+    inputs = resolve_inputs({name: spec for name, spec in input_specs.items() if name in loaded}, root)
     plan = stage.build(builder_view(cfg, method, stage), data, inputs, device)
     stopped = claim_stopped_run(cfg, root, key, restart, prefer, run_dir)  # after every check: a bad start changes nothing
     state, previous_run_id = None, None

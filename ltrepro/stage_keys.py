@@ -3,7 +3,7 @@ it would be trained again with the same outcome.
 
 A key covers the stage builder's identity (module and name: two builders never share a key), the
 values the stage reads (its section's plan fields and its declared ``reads``), the data (but the
-loader's worker count), the model, the seed and the keys of its inputs. A value the stage does
+loader's worker count), the model, the seed and the keys of the inputs it loads. A value the stage does
 not read never enters it. The builder runs on a ``ConfigView`` that lets it read only those
 values, so a read the stage forgot to declare fails loudly instead of escaping the key.
 """
@@ -59,8 +59,9 @@ def stage_key(cfg: Config, stage: "Stage", input_keys: dict[str, str]) -> str:
     for path in NOT_IN_KEY:
         block, _, name = path.partition(".")
         values[block] = {k: v for k, v in values[block].items() if k != name}
+    loaded = stage.loaded_inputs(cfg)
     payload = {"version": KEY_VERSION, "builder": builder_id(stage), "section": stage.section, "reads": values,
-               "inputs": input_keys}  # fmt: skip
+               "inputs": {name: key for name, key in input_keys.items() if name in loaded}}  # fmt: skip
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -67,9 +67,20 @@ def test_key_changes_exactly_when_a_read_value_changes(method):
         for name, stage in stages.items():  # stages come in order: inputs first
             overridden = {".".join(k.split(".")[:2]) for k in flatten(stage.overrides(cfg))}  # whole fields
             reads = covers(stage_reads(stage), path) and path not in NOT_IN_KEY and not covers(list(overridden), path)
-            if reads or any(i in changed for i in stage.inputs):
+            if reads or any(i in changed for i in stage.loaded_inputs(changed_cfg)):
                 changed.add(name)
         assert {name for name in stages if keys[name] != base[name]} == changed, f"{method}: {path}={value!r} -> {new!r}"
+
+
+def test_an_input_the_builder_does_not_load_stays_out_of_the_key():
+    """bns_ipdpp's fine-tune follows the probe in the plan but loads it only to seed its head."""
+    def keys(*overrides):
+        return {stage.name: key for stage, _, key in plan_method(load_config(REPO / "params.yaml", ["method=bns_ipdpp", *overrides]))}
+
+    for head in ("false", "true"):
+        base, other = keys(f"ipdpp.init_head_from_probe={head}"), keys(f"ipdpp.init_head_from_probe={head}", "probe.lr=0.01")
+        assert base["pretrain"] == other["pretrain"] and base["probe"] != other["probe"]
+        assert (base["finetune"] != other["finetune"]) == (head == "true")
 
 
 def test_two_builders_never_share_a_key():

@@ -34,7 +34,10 @@ class Stage:
     with data, model, seed, the builder's identity and the inputs' keys, make the stage key. The
     builder sees only those values, so an undeclared read fails instead of escaping the key.
     ``overrides`` gives stage-specific values on top (FFN's KPS branch); ``inputs`` names earlier
-    stages whose selected checkpoints ``build`` receives.
+    stages whose selected checkpoints ``build`` receives. ``loads`` says which of them the builder
+    loads under a given config (default: all); one it does not load only orders the stages, so it
+    enters neither the key nor what ``build`` receives (bns_ipdpp's probe, unless the fine-tune's
+    head starts from it).
     """
 
     name: str
@@ -43,6 +46,10 @@ class Stage:
     inputs: tuple[str, ...] = ()
     reads: tuple[str, ...] = ()
     overrides: Callable[[Config], dict] = lambda cfg: {}
+    loads: Callable[[Config], tuple[str, ...]] | None = None
+
+    def loaded_inputs(self, cfg: Config) -> tuple[str, ...]:
+        return self.inputs if self.loads is None else self.loads(cfg)
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ Three stages, each its own run:
   a class-balanced subset redrawn before epoch 0 and every F epochs: each class larger than k keeps
   k images drawn from an exact k-DPP whose kernel comes from p_i, the model's probability of the
   image's true label (docs/methods/bns_ipdpp.md#ip-dpp-undersampling). It takes the probe as input
-  only to chain the three stages (the probe's head seeds the fine-tune with
-  ``ipdpp.init_head_from_probe``).
+  to chain the three stages; it loads it (and its key depends on it) only when the probe's head
+  seeds the fine-tune, ``ipdpp.init_head_from_probe``.
 Every stage uses AdamW and, with ``bns.scale_lr``, the batch-size rule lr = lr_config x B / 256.
 """
 from __future__ import annotations
@@ -285,7 +285,8 @@ register(
             Stage("pretrain", "stage1", pretrain_stage, reads=("bns",)),
             Stage("probe", "probe", probe_stage, ("pretrain",), reads=("probe", "bns.scale_lr")),
             Stage("finetune", "stage2", finetune_stage, ("pretrain", "probe"),
-                  reads=("stage2.loss", "stage2.loss_params", "ipdpp", "bns.scale_lr")),
+                  reads=("stage2.loss", "stage2.loss_params", "ipdpp", "bns.scale_lr"),
+                  loads=lambda cfg: ("pretrain", "probe") if cfg.ipdpp.init_head_from_probe else ("pretrain",)),
         ),
         (Tunable("ipdpp.k", 20, 400, log=True, integer=True), Tunable("ipdpp.every", 1, 5, integer=True)),
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import torch
@@ -541,6 +542,18 @@ def test_finetune_killed_mid_run_resumes_bit_for_bit(project, monkeypatch):
     assert timeless[0] == timeless[1]
     assert [("redraw_mean_p" in e) for e in timeless[1]] == [True, True, False]
     np.testing.assert_equal(resumed[-1].metrics, full[-1].metrics)
+
+
+def test_finetune_is_reused_when_only_the_probe_changes_unless_its_head_starts_from_the_probe(project):
+    params = project / "params.yaml"
+    overrides = [*FAST, "data.n_max=10", "ipdpp.k=3", "stage2.epochs=1"]
+    first = train(params, overrides)
+    other_probe = train(params, [*overrides, "probe.lr=0.01"])
+    assert [r.reused for r in other_probe] == [True, False, True] and other_probe[2].run_dir == first[2].run_dir
+    seeded = train(params, [*overrides, "probe.lr=0.01", "ipdpp.init_head_from_probe=true"])
+    assert [r.reused for r in seeded] == [True, True, False]
+    loaded = [{k for k in mlflow.get_run(r[2].run_id).data.tags if k.startswith("input.")} for r in (first, seeded)]
+    assert loaded == [{"input.pretrain.run_id"}, {"input.pretrain.run_id", "input.probe.run_id"}]
 
 
 def test_exact_sampler_with_no_class_above_k_keeps_the_whole_split():
