@@ -34,14 +34,19 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     """(argv without config overrides, the overrides as key=value): ``key=value`` tokens and
-    ``--key value`` / ``--key=value`` pairs whose key is a config key."""
+    ``--key value`` / ``--key=value`` pairs whose key is a config key. The value of an option that
+    takes one stays with it, even when it reads key=value (``report --grid data.imbalance=10,100``)."""
     from ltrepro.config import is_config_key
 
+    takes_value = value_options(build_parser())
     rest, overrides, index = [], [], 0
     while index < len(argv):
         token = argv[index]
         name, sep, value = token.removeprefix("--").partition("=")
-        if token.startswith("--") and is_config_key(name):
+        if token in takes_value and index + 1 < len(argv):
+            rest += [token, argv[index + 1]]
+            index += 1
+        elif token.startswith("--") and is_config_key(name):
             if not sep:
                 if index + 1 >= len(argv):
                     raise LtreproError(f"{token}: missing its value")
@@ -53,6 +58,18 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
             rest.append(token)
         index += 1
     return rest, overrides
+
+
+def value_options(parser: argparse.ArgumentParser) -> set[str]:
+    """The option strings of every (sub)command that take exactly one value."""
+    found = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                found |= value_options(command)
+        elif action.option_strings and action.nargs is None and not isinstance(action, argparse._HelpAction):
+            found |= set(action.option_strings)
+    return found
 
 
 def build_parser() -> argparse.ArgumentParser:

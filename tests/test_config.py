@@ -175,6 +175,18 @@ def test_numbers_in_free_form_blocks_and_cli_forms_take_scientific_notation():
         load_config(None, ["stage1.lr=1e400"])
 
 
+def test_an_option_value_that_reads_key_value_stays_with_its_option():
+    from ltrepro.cli import build_parser, split_overrides
+
+    argv = ["report", "--grid", "data.imbalance=10,100", "stage1.lr=0.1", "--grid=seed=1,2", "--stage", "probe"]
+    rest, overrides = split_overrides(argv)
+    assert overrides == ["stage1.lr=0.1"]
+    args = build_parser().parse_args(rest)
+    assert args.grid == ["data.imbalance=10,100", "seed=1,2"] and args.stage == "probe"
+    rest, overrides = split_overrides(["stage", "--restart", "stage1", "seed=3"])  # a flag takes no value
+    assert rest == ["stage", "--restart", "stage1"] and overrides == ["seed=3"]
+
+
 def test_a_yaml_syntax_error_is_one_line(tmp_path, capsys):
     from ltrepro.cli import main
 
