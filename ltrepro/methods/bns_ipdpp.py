@@ -58,7 +58,7 @@ class ProbeConfig(StageConfig):
 
     epochs: int = bounded(100, 1)
     optimizer: Literal["sgd", "adamw"] = "adamw"
-    lr: float = bounded(0.001, 0.0)
+    lr: float = bounded(0.1, 0.0)  # per 256 images (bns.scale_lr); the reference's 0.001 leaves few-shot at 0 on fmnist_lt
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = bounded(0.05, 0.0)
     decay_1d: bool = False
