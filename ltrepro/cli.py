@@ -192,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, action="append", help=CONFIG_HELP)
     serve.add_argument("--repeats", type=int, default=50, help="timed calls per latency figure (default 50)")
     serve.add_argument("--out", type=Path, default=Path("bench/serve.json"), help="result file")
+    train = benchmarks.add_parser("train", help="img/s of ResNet-32 training: the reference loop, the engine, compiled, model only")
+    train.add_argument("--quick", action="store_true", help="1,236 images instead of 12,406 (about a minute on 2 cores)")
+    train.add_argument("--epochs", type=int, default=1, help="timed epochs of each configuration after one warm-up (default 1)")
+    train.add_argument("--cpu-options", action="store_true", help="also time the engine with channels_last, torch.compile, fused SGD on CPU")
+    train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when present")
+    train.add_argument("--out", type=Path, default=Path("bench/train.json"), help="result file")
     return parser
 
 
@@ -383,6 +389,9 @@ def command_bench(args: argparse.Namespace) -> None:
     if args.bench_command == "serve":
         command_bench_serve(args)
         return
+    if args.bench_command == "train":
+        command_bench_train(args)
+        return
     from ltrepro.bench import bench_loader
     from ltrepro.config import load_config
     from ltrepro.data import load_data
@@ -394,6 +403,17 @@ def command_bench(args: argparse.Namespace) -> None:
     data = load_data(cfg.data, cfg.seed, root)
     result = bench_loader(cfg, data, lambda: build_model(cfg, data), select_device(cfg.device), args.epochs, args.out)
     print(json.dumps(result, indent=2))
+
+
+def command_bench_train(args: argparse.Namespace) -> None:
+    from ltrepro.bench_train import bench_train, markdown_table
+    from ltrepro.context import select_device
+
+    if args.epochs < 1:
+        raise LtreproError(f"--epochs must be at least 1, got {args.epochs}")
+    result = bench_train(select_device(args.device), args.out, args.quick, args.epochs, args.cpu_options)
+    print(markdown_table(result))
+    print(f"written: {args.out}")
 
 
 def command_bench_serve(args: argparse.Namespace) -> None:
