@@ -26,4 +26,4 @@ train: data
 
 # One pytest worker per CPU this process may use (psutil's count, xdist's `auto`, can be the host's).
 test: data
-	$(BIN)/python -m pytest -q -n $$($(BIN)/python -c "import os; print(len(os.sched_getaffinity(0)))") $(ARGS)
+	$(BIN)/python -m pytest -q --durations=25 -n $$($(BIN)/python -c "import os; print(len(os.sched_getaffinity(0)))") $(ARGS)

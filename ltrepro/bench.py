@@ -9,6 +9,7 @@ per sample in workers, on the same model and data.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -67,17 +68,28 @@ def bench_optimizer(model: torch.nn.Module, fused: bool = False) -> torch.optim.
     return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=fused or None)
 
 
-def time_epochs(model: Classifier, loader, device: torch.device, epochs: int, optimizer: torch.optim.Optimizer | None = None) -> float:
-    """Images per second of ``engine.run_epoch`` over ``epochs`` training epochs, after one warm-up epoch."""
+def engine_epochs(model: torch.nn.Module, loader, device: torch.device, optimizer: torch.optim.Optimizer | None = None):
+    """A function that trains one more epoch with ``engine.run_epoch`` (constant lr) and returns
+    (seconds, images)."""
     optimizer = optimizer or bench_optimizer(model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     plan = StagePlan(model, Objective(build_loss("ce", [1])), loader, optimizer, PlainUpdate(), LogitReadout())
-    seen, seconds = 0, 0.0
-    for epoch in range(epochs + 1):
-        _, took, count = run_epoch(plan, scheduler, device, 0, epoch, epochs + 1)
-        if epoch:
-            seen, seconds = seen + count, seconds + took
-    return seen / seconds
+    epochs = itertools.count()
+
+    def one_epoch() -> tuple[float, int]:
+        epoch = next(epochs)
+        _, seconds, images = run_epoch(plan, scheduler, device, 0, epoch, epoch + 1)
+        return seconds, images
+
+    return one_epoch
+
+
+def time_epochs(model: Classifier, loader, device: torch.device, epochs: int) -> float:
+    """Images per second of ``engine.run_epoch`` over ``epochs`` training epochs, after one warm-up epoch."""
+    one_epoch = engine_epochs(model, loader, device)
+    one_epoch()
+    timed = [one_epoch() for _ in range(epochs)]
+    return sum(images for _, images in timed) / sum(seconds for seconds, _ in timed)
 
 
 def data_only(loader, epochs: int) -> float:

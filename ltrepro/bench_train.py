@@ -9,13 +9,14 @@ batch on the same images, one warm-up epoch and then timed epochs:
   workers, fp32, and a per-step ``.item()`` of the loss and the running accuracy (AverageMeter).
 * ``engine``: ``ltrepro.engine.run_epoch`` with the device-resident loader (crop and flip run
   batch-wise on the device). On CUDA this is the engine as it runs: bf16 autocast, channels_last.
-* ``engine_compiled``: ``engine`` with ``torch.compile`` (inductor), on CUDA only.
+* ``engine_compiled``: ``engine`` with ``torch.compile`` (inductor): on CUDA, and on CPU with
+  ``--cpu-options``, which also times ``engine_channels_last``, ``engine_fused_sgd`` and
+  ``model_only_bf16_channels_last``.
 * ``model_only``: forward, backward and step on batches made before timing, no augmentation: the
   bound that no loader can beat.
 
 Also: where the engine's epoch goes (batch, forward, backward, step, per step), the ops that take
-the most time (``torch.profiler``), what CPU options do to the engine's epoch (``--cpu-options``:
-channels_last, ``torch.compile``, the fused SGD step) and the cost of the engine's per-epoch
+the most time (``torch.profiler``) and the cost of the engine's per-epoch
 MLflow logging against its epoch. The images are random pixels: speed does not depend on them.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ltrepro.bench import bench_optimizer, time_epochs
+from ltrepro.bench import bench_optimizer, engine_epochs
 from ltrepro.config import AugmentConfig
 from ltrepro.data import LTData
 from ltrepro.data.base import Split
@@ -94,15 +95,19 @@ def reference_epoch(model: Classifier, loader, optimizer: torch.optim.Optimizer,
     return {"seconds": time.perf_counter() - start, "images": seen, "loss": loss_sum / seen, "accuracy": 100 * correct / seen}
 
 
-def time_reference(data: LTData, batch_size: int, device: torch.device, epochs: int, workers: int) -> float:
-    """Images per second of the reference loop over ``epochs`` epochs after one warm-up epoch."""
+def reference_epochs(data: LTData, batch_size: int, device: torch.device, workers: int):
+    """A function that trains the reference loop one more epoch and returns (seconds, images)."""
     torch.manual_seed(0)
     model = create_model("resnet32", data.num_classes, 3).to(device)
     optimizer = bench_optimizer(model)
     loader = torch.utils.data.DataLoader(ReferenceImages(data), batch_size=batch_size, shuffle=True,
                                          num_workers=workers, pin_memory=device.type == "cuda")  # fmt: skip
-    timed = [reference_epoch(model, loader, optimizer, device) for _ in range(epochs + 1)][1:]
-    return sum(epoch["images"] for epoch in timed) / sum(epoch["seconds"] for epoch in timed)
+
+    def one_epoch() -> tuple[float, int]:
+        epoch = reference_epoch(model, loader, optimizer, device)
+        return epoch["seconds"], epoch["images"]
+
+    return one_epoch
 
 
 def engine_loader(data: LTData, batch_size: int, device: torch.device, channels_last: bool | None = None) -> DeviceLoader:
@@ -121,32 +126,50 @@ def engine_model(data: LTData, device: torch.device, channels_last: bool, compil
     return torch.compile(model, dynamic=False) if compiled else model  # the last, smaller batch gets its own graph
 
 
-def time_engine(data: LTData, batch_size: int, device: torch.device, epochs: int, channels_last: bool | None = None,
-                compiled: bool = False, fused: bool = False) -> float:  # fmt: skip
-    """Images per second of ``run_epoch``; channels_last None is the engine's own choice (CUDA only)."""
+def engine_runner(data: LTData, batch_size: int, device: torch.device, channels_last: bool | None = None,
+                  compiled: bool = False, fused: bool = False):  # fmt: skip
+    """``engine_epochs`` on the benchmark's model and loader; channels_last None is the engine's own
+    choice (on CUDA only)."""
     loader = engine_loader(data, batch_size, device, channels_last)
     model = engine_model(data, device, loader.channels_last, compiled)
-    return time_epochs(model, loader, device, epochs, bench_optimizer(model, fused=fused))
+    return engine_epochs(model, loader, device, bench_optimizer(model, fused=fused))
 
 
-def time_model_only(data: LTData, batch_size: int, device: torch.device, epochs: int) -> float:
-    """Images per second of forward + backward + step on normalised batches made before timing."""
-    loader = engine_loader(data, batch_size, device)
+def model_only_epochs(data: LTData, batch_size: int, device: torch.device, cpu_bf16: bool = False):
+    """A function that runs forward + backward + step over one epoch of normalised batches made
+    before timing and returns (seconds, images). ``cpu_bf16``: bf16 autocast and channels_last on
+    CPU too, which the engine does not offer (it changes results; on CPUs with AMX it is faster)."""
+    loader = engine_loader(data, batch_size, device, channels_last=True if cpu_bf16 else None)
     model = engine_model(data, device, loader.channels_last, compiled=False)
     optimizer = bench_optimizer(model)
     batches = list(loader.epoch(0, fixed_seed_generator(0, 0)))
-    seconds, seen = 0.0, 0
-    for epoch in range(epochs + 1):
+    precision = torch.autocast(device.type, dtype=torch.bfloat16) if cpu_bf16 else autocast(device)
+
+    def one_epoch() -> tuple[float, int]:
         start = time.perf_counter()
         for images, labels in batches:
-            with autocast(device):
+            with precision:
                 loss = F.cross_entropy(model(images), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        if epoch:
-            seconds, seen = seconds + synchronized_time(device) - start, seen + len(data.train)
-    return seen / seconds
+        return synchronized_time(device) - start, len(data.train)
+
+    return one_epoch
+
+
+def interleaved_img_per_s(runners: dict, rounds: int) -> dict[str, list[float]]:
+    """Images per second of each runner in each round, after one warm-up epoch each (worker start,
+    compilation, first touch). Round r times every runner once, so a drift of the host's speed
+    over the run (a shared VM) touches every configuration alike."""
+    for one_epoch in runners.values():
+        one_epoch()
+    speeds = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, one_epoch in runners.items():
+            seconds, images = one_epoch()
+            speeds[name].append(images / seconds)
+    return speeds
 
 
 def synchronized_time(device: torch.device) -> float:
@@ -235,27 +258,30 @@ def hardware(device: torch.device) -> dict:
 
 
 def bench_train(device: torch.device, out: Path, quick: bool = False, epochs: int = 1, cpu_options: bool = False) -> dict:
-    """Run every configuration, write the result to ``out`` and return it.
+    """Run every configuration, ``epochs`` interleaved rounds of one epoch each (the median per
+    configuration is its figure), write the result to ``out`` and return it.
 
     ``quick``: 1,236 images (CIFAR-10-LT's profile at n_max 500) and a 5-step profile, which takes
     about a minute on 2 CPU cores; otherwise the 12,406 images of CIFAR-10-LT IF 100.
     """
     data = random_cifar_lt(500 if quick else 5000)
     batch_size, workers = 128, 2
-    img_per_s = {
-        "reference": time_reference(data, batch_size, device, epochs, workers),
-        "engine": time_engine(data, batch_size, device, epochs),
-        "engine_compiled": time_engine(data, batch_size, device, epochs, compiled=True) if device.type == "cuda" else None,
-        "model_only": time_model_only(data, batch_size, device, epochs),
+    runners = {
+        "reference": reference_epochs(data, batch_size, device, workers),
+        "engine": engine_runner(data, batch_size, device),
+        "engine_compiled": engine_runner(data, batch_size, device, compiled=True) if device.type == "cuda" else None,
+        "model_only": model_only_epochs(data, batch_size, device),
     }
-    options = {}
     if cpu_options and device.type == "cpu":
-        options = {
-            "channels_last": time_engine(data, batch_size, device, epochs, channels_last=True),
-            "compiled": time_engine(data, batch_size, device, epochs, compiled=True),
-            "fused_sgd": time_engine(data, batch_size, device, epochs, fused=True),
-        }
-    fast = img_per_s["engine_compiled"]
+        runners.update({
+            "engine_channels_last": engine_runner(data, batch_size, device, channels_last=True),
+            "engine_compiled": engine_runner(data, batch_size, device, compiled=True),
+            "engine_fused_sgd": engine_runner(data, batch_size, device, fused=True),
+            "model_only_bf16_channels_last": model_only_epochs(data, batch_size, device, cpu_bf16=True),
+        })  # fmt: skip
+    rounds = interleaved_img_per_s({name: run for name, run in runners.items() if run is not None}, epochs)
+    img_per_s = {name: float(np.median(rounds[name])) if name in rounds else None for name in runners}
+    fast = img_per_s["engine_compiled"] if device.type == "cuda" else None
     result = {
         **hardware(device),
         "model": "resnet32",
@@ -265,10 +291,11 @@ def bench_train(device: torch.device, out: Path, quick: bool = False, epochs: in
         "epochs_timed": epochs,
         "quick": quick,
         "img_per_s": img_per_s,
+        "img_per_s_per_round": rounds,
         "seconds_per_epoch": {name: (len(data.train) / v if v else None) for name, v in img_per_s.items()},
         "ratio_engine_vs_reference": img_per_s["engine"] / img_per_s["reference"],
+        "ratio_engine_vs_reference_per_round": [e / r for e, r in zip(rounds["engine"], rounds["reference"])],
         "ratio_fast_vs_reference": fast / img_per_s["reference"] if fast else None,
-        "cpu_options_img_per_s": options or None,
         "profile": profile_engine(data, batch_size, device, 5 if quick else 20),
         "mlflow_logging": mlflow_logging_cost(len(data.train) / img_per_s["engine"], 10 if quick else 30),
     }
@@ -281,9 +308,8 @@ def markdown_table(result: dict) -> str:
     """The result's throughput rows, the ratios and the profile, as markdown."""
     rows = ["| configuration | img/s | s per epoch |", "|---|---|---|"]
     for name, value in result["img_per_s"].items():
-        rows.append(f"| {name} | {value:.0f} | {result['seconds_per_epoch'][name]:.1f} |" if value else f"| {name} | not measured (no GPU) | - |")
-    for name, value in (result["cpu_options_img_per_s"] or {}).items():
-        rows.append(f"| engine + {name} | {value:.0f} | {result['train_images'] / value:.1f} |")
+        seconds = result["seconds_per_epoch"][name]
+        rows.append(f"| {name} | {value:.0f} | {seconds:.1f} |" if value else f"| {name} | not measured (CUDA, or --cpu-options) | - |")
     fast = result["ratio_fast_vs_reference"]
     lines = [*rows, "", f"engine / reference: {result['ratio_engine_vs_reference']:.2f}x; "
              f"compiled engine / reference: {f'{fast:.2f}x' if fast else 'not measured (no GPU)'}"]  # fmt: skip

@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--out", type=Path, default=Path("bench/serve.json"), help="result file")
     train = benchmarks.add_parser("train", help="img/s of ResNet-32 training: the reference loop, the engine, compiled, model only")
     train.add_argument("--quick", action="store_true", help="1,236 images instead of 12,406 (about a minute on 2 cores)")
-    train.add_argument("--epochs", type=int, default=1, help="timed epochs of each configuration after one warm-up (default 1)")
+    train.add_argument("--epochs", type=int, default=1, help="timed epochs of each configuration, in interleaved rounds after one warm-up (default 1)")
     train.add_argument("--cpu-options", action="store_true", help="also time the engine with channels_last, torch.compile, fused SGD on CPU")
     train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when present")
     train.add_argument("--out", type=Path, default=Path("bench/train.json"), help="result file")
