@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from ltrepro.models import Classifier
 from ltrepro.optim import PlainUpdate
 from ltrepro.readouts import LogitReadout
 from ltrepro.stages import StagePlan
+from ltrepro.tracking import device_name
 
 
 class TorchvisionTensorLoader:
@@ -114,7 +114,7 @@ def bench_loader(cfg: Config, data: LTData, model_factory, device: torch.device,
         "model": cfg.model.name,
         "batch_size": stage.batch_size,
         "epochs_timed": epochs,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "device": device_name(device),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "num_workers_baseline": cfg.data.num_workers,
@@ -185,7 +185,7 @@ def bench_serve(model_uri: str, root: Path, out: Path, repeats: int = 50) -> dic
         }
     result = {
         "model_uri": model_uri, "onnx": str(onnx_path), "method": run.info["method"], "dataset": run.data.name,
-        "device": f"cpu ({os.cpu_count()} cores)", "torch": torch.__version__, "onnxruntime": ort.__version__,
+        "device": device_name(torch.device("cpu")), "torch": torch.__version__, "onnxruntime": ort.__version__,
         "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "repeats": repeats,
         "latency": latency, "http": http,
     }  # fmt: skip

@@ -41,6 +41,7 @@ from ltrepro.data.loader import DeviceLoader, fixed_seed_generator
 from ltrepro.data.lt import lt_counts
 from ltrepro.engine import autocast
 from ltrepro.models import Classifier, create_model
+from ltrepro.tracking import device_name
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # the reference's Normalize
 
@@ -97,8 +98,7 @@ def reference_epoch(model: Classifier, loader, optimizer: torch.optim.Optimizer,
 
 def reference_epochs(data: LTData, batch_size: int, device: torch.device, workers: int):
     """A function that trains the reference loop one more epoch and returns (seconds, images)."""
-    torch.manual_seed(0)
-    model = create_model("resnet32", data.num_classes, 3).to(device)
+    model = bench_model(data, device, channels_last=False, compiled=False)
     optimizer = bench_optimizer(model)
     loader = torch.utils.data.DataLoader(ReferenceImages(data), batch_size=batch_size, shuffle=True,
                                          num_workers=workers, pin_memory=device.type == "cuda")  # fmt: skip
@@ -118,7 +118,8 @@ def engine_loader(data: LTData, batch_size: int, device: torch.device, channels_
     return loader
 
 
-def engine_model(data: LTData, device: torch.device, channels_last: bool, compiled: bool) -> torch.nn.Module:
+def bench_model(data: LTData, device: torch.device, channels_last: bool, compiled: bool) -> torch.nn.Module:
+    """The registry's ResNet-32 with seed-0 weights, the same in every row."""
     torch.manual_seed(0)
     model = create_model("resnet32", data.num_classes, 3).to(device)
     if channels_last:
@@ -131,7 +132,7 @@ def engine_runner(data: LTData, batch_size: int, device: torch.device, channels_
     """``engine_epochs`` on the benchmark's model and loader; channels_last None is the engine's own
     choice (on CUDA only)."""
     loader = engine_loader(data, batch_size, device, channels_last)
-    model = engine_model(data, device, loader.channels_last, compiled)
+    model = bench_model(data, device, loader.channels_last, compiled)
     return engine_epochs(model, loader, device, bench_optimizer(model, fused=fused))
 
 
@@ -140,7 +141,7 @@ def model_only_epochs(data: LTData, batch_size: int, device: torch.device, cpu_b
     before timing and returns (seconds, images). ``cpu_bf16``: bf16 autocast and channels_last on
     CPU too, which the engine does not offer (it changes results; on CPUs with AMX it is faster)."""
     loader = engine_loader(data, batch_size, device, channels_last=True if cpu_bf16 else None)
-    model = engine_model(data, device, loader.channels_last, compiled=False)
+    model = bench_model(data, device, loader.channels_last, compiled=False)
     optimizer = bench_optimizer(model)
     batches = list(loader.epoch(0, fixed_seed_generator(0, 0)))
     precision = torch.autocast(device.type, dtype=torch.bfloat16) if cpu_bf16 else autocast(device)
@@ -186,7 +187,7 @@ def profile_engine(data: LTData, batch_size: int, device: torch.device, steps: i
     from torch.profiler import ProfilerActivity, profile
 
     loader = engine_loader(data, batch_size, device)
-    model = engine_model(data, device, loader.channels_last, compiled=False)
+    model = bench_model(data, device, loader.channels_last, compiled=False)
     optimizer = bench_optimizer(model)
     names = ("batch", "forward", "backward", "step")
     phases = dict.fromkeys(names, 0.0)
@@ -205,8 +206,9 @@ def profile_engine(data: LTData, batch_size: int, device: torch.device, steps: i
             marks.append(synchronized_time(device))
             optimizer.step()
             marks.append(synchronized_time(device))
-            for name, begin, end in zip(names, marks, marks[1:]):
-                phases[name] += (end - begin) * 1000 / steps if step else 0.0
+            if step:
+                for name, begin, end in zip(names, marks, marks[1:]):
+                    phases[name] += (end - begin) * 1000 / steps
     total = sum(phases.values())
     sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     ops = sorted(profiler.key_averages(), key=lambda event: getattr(event, sort_key), reverse=True)[:10]
@@ -249,7 +251,7 @@ def cpu_name() -> str:
 
 def hardware(device: torch.device) -> dict:
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({len(os.sched_getaffinity(0))} usable cores)",
+        "device": device_name(device),
         "cpu": cpu_name(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -81,6 +81,11 @@ def git_commit(root: Path) -> str:
     return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
 
 
+def device_name(device: torch.device) -> str:
+    """What a run or a benchmark records as its device: the GPU's name, or the CPU's core count."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+
+
 def run_tags(root: Path, data_hash: str, device: torch.device) -> dict[str, str]:
     """Git commit, data hash, versions, device, and DVC's DVC_* variables when DVC runs us."""
     tags = {
@@ -88,7 +93,7 @@ def run_tags(root: Path, data_hash: str, device: torch.device) -> dict[str, str]
         "data_hash": data_hash,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "device": device_name(device),
     }
     tags.update({key: value for key, value in os.environ.items() if key.startswith("DVC_")})
     return tags

@@ -28,6 +28,7 @@ def test_the_reference_dataset_gives_normalised_crops_of_the_stored_image():
     crops = [padded[:, y : y + 32, x : x + 32] for y in range(9) for x in range(9)]
     assert any(torch.allclose(restored, crop.flip(2) if flip else crop, atol=1e-5) for crop in crops for flip in (False, True))
 
+
 def test_a_reference_epoch_trains_and_reports_every_image():
     data = random_cifar_lt(20)
     torch.manual_seed(0)
