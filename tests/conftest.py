@@ -43,18 +43,22 @@ def isolated_mlflow_environment():
             os.environ[name] = value
 
 
-@pytest.fixture
-def fmnist_source(tmp_path: Path) -> Path:
-    """A folder with the four Debian-style .gz idx files: 40 train and 10 test images a class."""
-    source = tmp_path / "debian"
-    source.mkdir()
+def write_fmnist_source(source: Path, train_per_class: int = 40, test_per_class: int = 10) -> Path:
+    """Write the four Debian-style .gz idx files of a tiny Fashion-MNIST into ``source``."""
+    source.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    for split, per_class in (("train", 40), ("t10k", 10)):
+    for split, per_class in (("train", train_per_class), ("t10k", test_per_class)):
         labels = np.repeat(np.arange(10, dtype=np.uint8), per_class)
         rng.shuffle(labels)
         write_idx(source / f"{split}-images-idx3-ubyte.gz", class_images(labels, rng))
         write_idx(source / f"{split}-labels-idx1-ubyte.gz", labels)
     return source
+
+
+@pytest.fixture
+def fmnist_source(tmp_path: Path) -> Path:
+    """A folder with the four Debian-style .gz idx files: 40 train and 10 test images a class."""
+    return write_fmnist_source(tmp_path / "debian")
 
 
 @pytest.fixture

@@ -1,5 +1,7 @@
 """MLproject entry points and the DVC pipeline, run for real (mlflow run, dvc repro) on a tiny
-copy of this repository: every step as a subprocess, as a user runs it."""
+copy of this repository: every step as a subprocess, as a user runs it. The copy prepares the
+tiny Fashion-MNIST of ``fmnist_source`` (real idx.gz files) instead of Debian's 70,000 images, so a
+step costs its start-up, not a pass over the 10,000 test images; the serving tests prepare Debian's."""
 import json
 import os
 import shlex
@@ -14,14 +16,10 @@ import yaml
 from mlflow.projects._project_spec import load_project
 
 from ltrepro.cli import build_parser, split_overrides
-from ltrepro.data.fmnist import DEBIAN_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ENTRY_POINTS = {"main", "prepare", "stage1", "stage2", "evaluate", "tune", "export", "promote"}
-needs_fmnist = pytest.mark.skipif(
-    not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file(), reason="Debian's dataset-fashion-mnist (.ci/run installs it)"
-)
 
 
 def test_mlproject_entry_points_parse_into_ltrepro_commands():
@@ -40,12 +38,17 @@ def test_mlproject_entry_points_parse_into_ltrepro_commands():
 
 
 @pytest.fixture
-def repo(tmp_path, monkeypatch):
-    """A git + DVC repository holding this project's code and pipeline files, with a tiny params.yaml."""
+def repo(tmp_path, monkeypatch, fmnist_source):
+    """A git + DVC repository holding this project's code and pipeline files, with a tiny params.yaml
+    and the prepare step (DVC stage and MLproject entry point) reading the tiny ``fmnist_source``."""
     root = tmp_path / "repo"
     shutil.copytree(REPO / "ltrepro", root / "ltrepro", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("MLproject", "python_env.yaml", "dvc.yaml", ".dvcignore", ".gitignore", "pyproject.toml"):
         shutil.copy(REPO / name, root / name)
+    for name, command in (("dvc.yaml", "ltrepro data prepare"), ("MLproject", "ltrepro data prepare --config {config}")):
+        text = (root / name).read_text()
+        assert text.count(command) == 1, f"{name} no longer runs `{command}`"
+        (root / name).write_text(text.replace(command, f"{command} --source {fmnist_source}"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["device"] = "cpu"
     params["data"].update(n_max=20, imbalance=10, val_per_class=5)
@@ -91,7 +94,6 @@ def test_dvc_pipeline_validates(repo):
     assert "ltrepro export models/stage1-1 models/stage1-2 models/stage2 models/stage3" in dry
 
 
-@needs_fmnist
 def test_dvc_repro_runs_the_pipeline_then_does_nothing_and_exp_run_is_tracked(repo):
     run(repo, "dvc", "repro")
     for name in ("stage1-1", "stage1-2", "stage2", "test", "export"):
@@ -138,7 +140,6 @@ def test_dvc_repro_runs_the_pipeline_then_does_nothing_and_exp_run_is_tracked(re
     assert json.loads((repo / "metrics/export.json").read_text())["parity_top1_agreement"] >= 0.99
 
 
-@needs_fmnist
 def test_mlflow_run_main_chains_steps_and_a_stage2_sweep_reuses_stage1(repo):
     mlflow_run = ("mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "pipeline")
     run(repo, *mlflow_run, "-e", "main")

@@ -1,11 +1,12 @@
 import gzip
 import json
+import os
 
 import numpy as np
 import pytest
 
 from ltrepro.config import DataConfig
-from ltrepro.data import fmnist, load_data
+from ltrepro.data import fmnist, load_data, resolve_data_config
 from ltrepro.errors import LtreproError
 from tests.conftest import write_idx
 
@@ -129,3 +130,18 @@ def test_every_split_draws_the_same_counts_and_keeps_val_apart(tmp_path, fmnist_
             expected = [images[np.flatnonzero(labels == c)[:n]] for c, n in enumerate(data.info["train_counts"])]
             assert np.array_equal(data.train.images[:, 0].numpy(), np.concatenate(expected))
     assert len(hashes) == 3
+
+
+def test_debian_package_gives_the_default_subset(tmp_path):
+    """The real files (Debian's dataset-fashion-mnist, which .ci/run installs): every other test
+    writes tiny idx files, so this one pins what the README's fmnist_lt runs train on."""
+    if not (fmnist.DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must have Debian's dataset-fashion-mnist in {fmnist.DEBIAN_DIR}")
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    fmnist.prepare(tmp_path / "data/raw")
+    data = load_data(resolve_data_config(DataConfig()), seed=0, root=tmp_path)
+    assert data.train_counts.tolist() == [500, 299, 179, 107, 64, 38, 23, 13, 8, 5]
+    assert data.info["split_sizes"] == {"train": 1236, "val": 1000, "test": 10000}
+    assert np.bincount(data.test.labels).tolist() == [1000] * 10 and data.class_names == fmnist.CLASS_NAMES
+    assert data.info["index_hash"] == "d924e3d49abc809c"  # the LDAM draw of seed 0 on the real files

@@ -1,6 +1,8 @@
-"""End to end on real Fashion-MNIST test images: train a tiny FFN, export, register, promote,
-`mlflow models serve` it, predict over HTTP (both JSON forms), bad requests, the client, the load
-test and `mlflow models predict`; the served labels equal the PyTorch model's."""
+"""End to end: train a tiny FFN on a tiny Fashion-MNIST in the real idx format, export, register,
+promote, `mlflow models serve` it, predict over HTTP (both JSON forms), bad requests, the client,
+the load test and `mlflow models predict`; the served labels equal the PyTorch model's. (Debian's
+real files are read by tests/data/test_fmnist.py; here they would only make every stage's test pass
+take 10,000 images.)"""
 import base64
 import json
 import os
@@ -15,7 +17,6 @@ import torch
 import yaml
 
 from ltrepro.data import fmnist
-from ltrepro.data.fmnist import DEBIAN_DIR
 from ltrepro.data.loader import make_loader
 from ltrepro.export import export_run
 from ltrepro.model_registry import image_base64, promote
@@ -25,19 +26,17 @@ from ltrepro.serving.server import mlflow_server
 from ltrepro.rebuild import load_run
 from ltrepro.runner import train
 from serve.client import classify
+from tests.conftest import write_fmnist_source
 
-pytestmark = pytest.mark.skipif(
-    not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file(), reason="Debian's dataset-fashion-mnist (.ci/run installs it)"
-)
 MODEL = "models:/ltrepro-fmnist_lt@champion"
 IMAGES = 48
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """A tiny FFN on real data, exported, registered and promoted; its PyTorch test predictions."""
+    """A tiny FFN, exported, registered and promoted; its PyTorch test predictions."""
     root = tmp_path_factory.mktemp("serve")
-    fmnist.prepare(root / "data/raw")
+    fmnist.prepare(root / "data/raw", write_fmnist_source(root / "debian", train_per_class=60))
     params = {"seed": 0, "device": "cpu", "method": "ffn",
               "data": {"name": "fmnist_lt", "n_max": 40, "imbalance": 10, "val_per_class": 10},
               "stage1": {"epochs": 2, "batch_size": 32, "lr": 0.05, "warmup_epochs": 0},
