@@ -231,10 +231,15 @@ def command_prepare(args: argparse.Namespace) -> None:
 
 
 def command_train(args: argparse.Namespace) -> None:
+    from ltrepro import distributed
     from ltrepro.runner import train
 
-    for result in train(config_files(args), args.overrides, args.resume, args.restart):
-        print_result(result)
+    try:  # under torchrun every rank trains; rank 0 reports
+        results = train(config_files(args), args.overrides, args.resume, args.restart)
+        for result in results if distributed.current().is_main else []:
+            print_result(result)
+    finally:
+        distributed.stop()
 
 
 def print_result(result) -> None:
@@ -247,6 +252,7 @@ def print_result(result) -> None:
 
 
 def command_stage(args: argparse.Namespace) -> None:
+    from ltrepro import distributed
     from ltrepro.config import load_config
     from ltrepro.context import get_method, resolve
     from ltrepro.runner import run_named_stage, select_stage
@@ -277,9 +283,13 @@ def command_stage(args: argparse.Namespace) -> None:
         if not sep or not name or not spec:
             raise LtreproError(f"--input {text!r}: expected NAME=RUN_DIR or NAME=runs:/RUN_ID")
         inputs[name] = spec
-    result = run_named_stage(cfg, project_root(args), stage, inputs, args.run_dir, args.restart)
-    print_result(result)
-    write_metrics(args.metrics, result.metrics)
+    try:  # under torchrun every rank trains; rank 0 reports
+        result = run_named_stage(cfg, project_root(args), stage, inputs, args.run_dir, args.restart)
+        if distributed.current().is_main:
+            print_result(result)
+            write_metrics(args.metrics, result.metrics)
+    finally:
+        distributed.stop()
 
 
 def write_metrics(path: Path | None, values: dict) -> None:

@@ -147,6 +147,16 @@ class RegistryConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Under ``torchrun --nproc_per_node=N`` (ltrepro.distributed). A stage's ``batch_size`` is the
+    global batch over all N processes and its ``lr`` belongs to that batch, so N processes train as
+    one does; to use N times the batch, raise ``batch_size`` and ``lr`` together (the linear rule,
+    Goyal et al. 2017, with the stage's warm-up)."""
+
+    sync_bn: bool = False  # SyncBatchNorm: batch statistics over the global batch, not each rank's share (CUDA only)
+
+
+@dataclass
 class BaseConfig:
     """The blocks every method shares; ``config_class()`` adds the blocks that methods register."""
 
@@ -161,6 +171,7 @@ class BaseConfig:
     stage2: ClassifierStageConfig = field(default_factory=classifier_stage_defaults)
     tune: TuneConfig = field(default_factory=TuneConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     recipes: dict[str, Any] = field(default_factory=dict)  # per-method overrides, applied when it runs
 
 

@@ -10,6 +10,9 @@ Epoch hooks, all optional: the loader's ``set_epoch(epoch, model)`` runs before 
 subset redrawn from the current model); ``epoch_metrics()`` of the objective and the loader adds
 to the epoch's logged metrics; ``epoch_state()`` / ``load_epoch_state(state)`` keep their state
 (tensors and primitives) in ``last.pt``, so a resumed run equals an uninterrupted one.
+
+Under torchrun (``ltrepro.distributed``) the objective runs behind DistributedDataParallel on each
+rank's share of every global batch; rank 0 alone validates, selects and writes checkpoints.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ltrepro import distributed
 from ltrepro.checkpoint import load_weights, save_atomic
 from ltrepro.config import StageConfig
 from ltrepro.data.loader import fixed_seed_generator
@@ -115,22 +119,28 @@ class FitResult:
 def fit(
     plan: StagePlan,
     stage: StageConfig,
-    val_loader: Loader,
+    val_loader: Loader | None,
     run_dir: Path,
     device: torch.device,
     seed: int,
     num_classes: int,
     log_metrics: Callable[[dict, int], None] = lambda metrics, step: None,
     resume_state: dict | None = None,
+    sync_bn: bool = False,
 ) -> FitResult:
     """Train ``plan.model`` for ``stage.epochs`` epochs and return the checkpoint selected on validation.
 
     The optimiser's groups are the trainable parameters, each group's lr scaled by the schedule.
     ``last.pt`` (full state, every epoch) makes the run resumable; ``best.pt`` holds the weights
     that ``stage.select`` picks. Epoch e draws its batches and mixup from generators seeded by
-    (seed, e), so a resumed run repeats an uninterrupted one exactly on CPU.
+    (seed, e), so a resumed run repeats an uninterrupted one exactly on CPU. Under torchrun the
+    other ranks train in step with rank 0 and skip validation and checkpoints (``val_top1`` NaN).
     """
     model, optimizer = plan.model, plan.optimizer
+    world = distributed.current()
+    if world.distributed and stage.batch_size < world.size:
+        raise LtreproError(f"batch_size {stage.batch_size} is the global batch: it must be at least the {world.size} torchrun processes")
+    ddp = distributed.data_parallel(model, world, device, sync_bn) if world.distributed else None
     steps_per_epoch = len(plan.train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, stage))
     start_epoch, best_val, best_epoch, history = 0, -1.0, -1, []
@@ -148,8 +158,10 @@ def fit(
     for epoch in range(start_epoch, stage.epochs):
         if hasattr(plan.train_loader, "set_epoch"):
             plan.train_loader.set_epoch(epoch, model)
-        train_loss, seconds, seen = run_epoch(plan, scheduler, device, seed, epoch, stage.epochs)
+        train_loss, seconds, seen = run_epoch(plan, scheduler, device, seed, epoch, stage.epochs, ddp)
         raise_if_nonfinite_weights(model, epoch)  # a finite loss can still leave NaN weights behind
+        if not world.is_main:
+            continue
         val_top1 = validation_accuracy(plan, val_loader, device, num_classes)
         metrics = {
             "train_loss": train_loss,
@@ -188,16 +200,20 @@ def fit(
 
 
 def run_epoch(
-    plan: StagePlan, scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, seed: int, epoch: int, epochs: int
+    plan: StagePlan, scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, seed: int, epoch: int, epochs: int,
+    ddp: nn.Module | None = None,
 ) -> tuple[float, float, int]:
-    """One training epoch; returns (mean loss, seconds, images seen).
+    """One training epoch; returns (mean loss, seconds, images seen by all ranks).
 
     Each step hands the update rule a loss function that replays the step's random draws, so a
     two-pass rule (SAM) sees the same mixup lambda, permutation and views in both passes. The
     finiteness check runs on device without a sync per step; the first non-finite step is
     reported when the bar refreshes and at the end of the epoch, before any checkpoint is written.
+    With ``ddp`` (torchrun) each rank draws the whole global batch, keeps its share and calls the
+    objective through DDP, which averages the gradients; the epoch's loss is averaged over ranks.
     """
     model, objective, loader = plan.model, plan.objective, plan.train_loader
+    world = distributed.current()
     model.train()
     objective.set_epoch(epoch)
     first_pass = getattr(objective, "perturbation_loss", objective)
@@ -208,11 +224,15 @@ def run_epoch(
     start, seen = time.perf_counter(), 0
     for step, (images, labels) in enumerate(loader.epoch(epoch, fixed_seed_generator(seed, epoch))):
         draws = rng.bit_generator.state
+        seen += len(labels)
+        if ddp is not None:
+            images, labels = distributed.take((images, labels), distributed.shard_window(0, len(labels), world))
 
         def loss_fn(perturbation_pass: bool) -> torch.Tensor:
             rng.bit_generator.state = draws
+            call = first_pass if perturbation_pass else objective
             with autocast(device):
-                return (first_pass if perturbation_pass else objective)(model, images, labels, rng)
+                return call(model, images, labels, rng) if ddp is None else ddp(call, images, labels, rng)
 
         loss = plan.update.step(plan.optimizer, loss_fn)
         scheduler.step()
@@ -220,13 +240,15 @@ def run_epoch(
         bad = ~torch.isfinite(loss) & (first_bad < 0)
         first_bad = torch.where(bad, step, first_bad)
         total += loss
-        seen += len(labels)
         progress.step()
         if step % 20 == 0 or step == len(loader) - 1:
             raise_if_nonfinite(first_bad, epoch)
             progress.update(loss.item(), seen / (time.perf_counter() - start))
     progress.close()
     raise_if_nonfinite(first_bad, epoch)
+    if ddp is not None:
+        torch.distributed.all_reduce(total)
+        total /= world.size
     return (total / max(step + 1, 1)).item(), time.perf_counter() - start, seen
 
 

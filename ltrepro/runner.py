@@ -10,6 +10,10 @@ it began. Every other stopped run of that key, and any MLflow run of it left RUN
 process, is marked KILLED, so neither the folder nor the MLflow UI keeps zombies. Inputs are run
 directories or MLflow artifact URIs of earlier stages; each is rebuilt by the builder that
 produced it (``ltrepro.rebuild``).
+
+Under torchrun, rank 0 runs all of this and sends its decisions (reuse, the run to resume, the
+finished run) to the other ranks, which only build the same plan and train in step
+(``ltrepro.distributed``).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from typing import Callable
 import torch
 import yaml
 
+from ltrepro import distributed
 from ltrepro.artifacts import resolve_inputs
 from ltrepro.checkpoint import load_checkpoint, load_weights
 from ltrepro.config import Config, flatten, load_config, to_dict, with_overrides
@@ -144,9 +149,10 @@ def run_method(
     """Every stage in order: reused when finished, else resumed when stopped (``resume_dir`` first),
     else trained."""
     method = check_method(cfg)
+    world = distributed.start(cfg.device)
     done: dict[str, RunResult] = {}
     for stage, stage_cfg, key in plan_method(cfg):
-        finished = find_finished(root / cfg.out_dir, key)
+        finished = distributed.share(find_finished(root / cfg.out_dir, key) if world.is_main else None)
         if finished is not None:
             done[stage.name] = reused(finished, stage, root)
             continue
@@ -214,6 +220,7 @@ def run_named_stage(
     runs of this config. A fixed ``run_dir`` (DVC's outs) is resumed when it holds a stopped run
     of the same stage key."""
     method = check_method(cfg)
+    distributed.start(cfg.device)
     planned = {planned.name: (stage_cfg, key) for planned, stage_cfg, key in plan_method(cfg)}
     unexpected = sorted(set(input_specs) - set(stage.inputs))
     if unexpected:
@@ -253,13 +260,17 @@ def run_stage(
 
     A ``RunStopped`` (a pruned trial) or Ctrl-C ends the run KILLED (resumable), any other error
     FAILED, in run.json and in MLflow alike; ``last.pt`` keeps the last finished epoch either way."""
-    device = select_device(cfg.device)
+    world = distributed.current()
+    device = distributed.device_for(world, select_device(cfg.device))
     torch.manual_seed(cfg.seed)
     data = load_data(cfg.data, cfg.seed, root)
     loaded = stage.loaded_inputs(cfg)
     inputs = resolve_inputs({name: spec for name, spec in input_specs.items() if name in loaded}, root)
     plan = stage.build(builder_view(cfg, method, stage), data, inputs, device)
+    if not world.is_main:
+        return follow_stage(cfg, data, plan, stage, device)
     stopped = claim_stopped_run(cfg, root, key, restart, prefer, run_dir)  # after every check: a bad start changes nothing
+    distributed.share(stopped[0] if stopped else None)
     state, previous_run_id = None, None
     if stopped is not None:
         run_dir, previous, state = stopped
@@ -311,6 +322,7 @@ def run_stage(
         metrics = train_and_test(cfg, data, plan, stage.section, device, run_dir, tracker, state, per_epoch)
         write_run(run_dir, {**info, "status": "FINISHED", "metrics": metrics})
         tracker.log_artifact(run_dir / "run.json")
+        distributed.share((tracker.run_id, run_dir, metrics))
     except (KeyboardInterrupt, RunStopped) as exc:
         write_run(run_dir, {**info, "status": "KILLED"})
         tracker.end("KILLED")
@@ -328,13 +340,27 @@ def run_stage(
     return RunResult(tracker.run_id, run_dir, stage.name, metrics, tracker.ui_command())
 
 
+def follow_stage(cfg: Config, data: LTData, plan, stage: Stage, device: torch.device) -> RunResult:
+    """A rank other than 0: resume where rank 0 resumes, train in step with it, and return the run
+    it finished (the next stage's input)."""
+    resumed = distributed.share(None)
+    state = load_checkpoint(resumed / "last.pt", RESUME_STATE) if resumed is not None else None
+    if state is not None:
+        load_weights(plan.model, state["model"], resumed / "last.pt")
+    block = getattr(cfg, stage.section)
+    fit(plan, block, None, Path(), device, cfg.seed, data.num_classes, resume_state=state, sync_bn=cfg.distributed.sync_bn)
+    run_id, run_dir, metrics = distributed.share(None)
+    return RunResult(run_id, run_dir, stage.name, metrics, "")
+
+
 def record_inputs(
     tracker: Tracker, cfg: Config, data: LTData, run_dir: Path, root: Path, device: torch.device,
     method: Method, stage: Stage, inputs: dict[str, Path], key: str,
 ) -> None:  # fmt: skip
     """Params, tags (with every input stage's run id), the resolved config and the data description."""
     tracker.log_params(flatten(to_dict(cfg)))
-    tags = run_tags(root, data_hash(data), device) | {"method": method.name, "stage": stage.name, "stage_key": key}
+    tags = run_tags(root, data_hash(data), device) | {"method": method.name, "stage": stage.name, "stage_key": key,
+                                                      "world_size": str(distributed.current().size)}
     for name, path in inputs.items():
         tags[f"input.{name}.run_id"] = read_run(path)["mlflow_run_id"]
     tracker.set_tags(tags)
@@ -350,7 +376,8 @@ def train_and_test(
 ) -> dict[str, float]:  # fmt: skip
     stage = getattr(cfg, section)
     val_loader = make_loader(data, "val", stage.eval_batch_size, device, num_workers=cfg.data.num_workers)
-    result = fit(plan, stage, val_loader, run_dir, device, cfg.seed, data.num_classes, log_metrics=per_epoch, resume_state=state)
+    result = fit(plan, stage, val_loader, run_dir, device, cfg.seed, data.num_classes, log_metrics=per_epoch,
+                 resume_state=state, sync_bn=cfg.distributed.sync_bn)
     # The test set is read once, here, on the checkpoint chosen on validation.
     load_weights(plan.model, load_checkpoint(result.checkpoint)["model"], result.checkpoint)
     summary, scores, labels = test_summary(stage.eval_batch_size, cfg, data, plan.model, plan.readout, device)

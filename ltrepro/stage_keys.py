@@ -29,7 +29,7 @@ PLAN_FIELDS = (
 ALWAYS_READ = ("data", "model", "seed")
 NOT_IN_KEY = ("data.num_workers",)  # how fast batches come, not which
 # Keys no stage reads that are not method settings: where runs go, how they are tuned and registered.
-GLOBAL_KEYS = ("seed", "device", "out_dir", "experiment", "method", "tune", "registry", "recipes")
+GLOBAL_KEYS = ("seed", "device", "out_dir", "experiment", "method", "tune", "registry", "distributed", "recipes")
 
 
 def builder_id(stage: "Stage") -> str:
