@@ -46,11 +46,11 @@ def test_bench_train_quick_writes_sane_figures(tmp_path, capsys):
     assert main(["bench", "train", "--quick", "--device", "cpu", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     speeds = result["img_per_s"]
-    assert result["train_images"] == 1236 and result["quick"] is True
+    assert result["train_images"] == 740 and result["quick"] is True
     assert all(speeds[name] > 0 for name in ("reference", "engine", "model_only"))
     assert speeds["engine_compiled"] is None and result["ratio_fast_vs_reference"] is None  # CPU: no compiled row
     assert math.isclose(result["ratio_engine_vs_reference"], speeds["engine"] / speeds["reference"])
-    assert math.isclose(result["seconds_per_epoch"]["engine"], 1236 / speeds["engine"])
+    assert math.isclose(result["seconds_per_epoch"]["engine"], 740 / speeds["engine"])
     profile = result["profile"]
     assert math.isclose(sum(profile["share"].values()), 1.0, abs_tol=1e-3)
     assert profile["ms_per_step"]["backward"] > 0 and profile["top_ops_self_ms_per_step"]
