@@ -62,9 +62,11 @@ def train(
     if resume is not None:
         if overrides or restart:
             raise LtreproError("--resume continues a run with its saved config; drop the overrides and --restart")
-        info = resumable(read_run(resume))
-        get_method(info["method"]).stage(info["stage"])  # the stage it names must still exist
+        info = read_run(resume)
         cfg = resolve(load_config(info["run_dir"] / "method_config.yaml"))
+        if distributed.start(cfg.device).is_main:  # under torchrun rank 0 may have claimed it already
+            resumable(info)
+        get_method(info["method"]).stage(info["stage"])  # the stage it names must still exist
         if info["stage_key"] not in {key for _, _, key in plan_method(cfg)}:
             raise LtreproError(f"{resume}: its stage key matches no stage of its saved config (re-key it: ltrepro rekey)")
         return run_method(cfg, Path(info["project_root"]), resume_dir=info["run_dir"])
