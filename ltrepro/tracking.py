@@ -2,7 +2,9 @@
 
 The default store is ``sqlite:///<absolute project root>/mlflow.db`` (this MLflow refuses the
 file store, and a relative URI breaks under ``dvc exp run --temp``); ``MLFLOW_TRACKING_URI``
-overrides it. Artifacts go to ``<project root>/mlartifacts``.
+overrides it. Artifacts go to ``<project root>/mlartifacts``, except on a tracking server
+(``http(s)://``), where the server's artifact root (``--artifacts-destination``) keeps them, so
+that every machine using the server reads them.
 
 A new sqlite store gets its schema on first use; processes starting together on a fresh clone
 (``dvc queue start --jobs 3``, tuning workers) would race to create it, so ``open_store`` creates it
@@ -37,6 +39,12 @@ def sqlite_lock(url: str) -> AbstractContextManager:
     return locked(database.with_name(database.name + ".lock")) if url.startswith("sqlite:///") and database.parent.is_dir() else nullcontext()
 
 
+def artifact_location(uri: str, root: Path) -> str | None:
+    """A new experiment's artifact root: the project's folder for a local store, the server's own
+    (None) for a tracking server, which may proxy them to ``--artifacts-destination``."""
+    return None if uri.startswith(("http://", "https://")) else (root / "mlartifacts").resolve().as_uri()
+
+
 READY_STORES: set[str] = set()  # stores this process has opened (their schema exists)
 
 
@@ -56,7 +64,7 @@ def open_store(root: Path, experiment: str | None = None) -> str:
             client.search_experiments(max_results=1)  # the tracking tables
             client.search_registered_models(max_results=1)  # the registry's, in the same database
             if experiment is not None and client.get_experiment_by_name(experiment) is None:
-                client.create_experiment(experiment, artifact_location=(root / "mlartifacts").resolve().as_uri())
+                client.create_experiment(experiment, artifact_location=artifact_location(uri, root))
     except Exception as exc:  # MLflow, SQLAlchemy, drivers and the file system raise many types
         raise LtreproError(f"MLflow tracking store {uri}: cannot be opened ({first_line(exc)})") from None
     READY_STORES.add(uri)

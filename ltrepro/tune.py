@@ -146,16 +146,29 @@ def storage_url(cfg: Config, root: Path) -> str:
     return cfg.tune.storage or f"sqlite:///{(root / 'optuna.db').resolve()}"
 
 
-def open_storage(url: str, attempts: int = 3) -> optuna.storages.RDBStorage:
+def end_stale_trial_run(root: Path):
+    """Optuna's callback for a trial it failed for a missing heartbeat (its worker died, possibly on
+    another machine): the trial's MLflow run ends FAILED too, instead of staying RUNNING."""
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        print(f"study {study.study_name}: trial {trial.number} sent no heartbeat for {GRACE_SECONDS} s; marked FAIL")
+        end_runs(root, [trial.user_attrs["mlflow_run_id"]] if "mlflow_run_id" in trial.user_attrs else [], "FAILED")
+
+    return callback
+
+
+def open_storage(url: str, root: Path | None = None, attempts: int = 3) -> optuna.storages.RDBStorage:
     """The RDB storage at ``url``, reached now so that a bad URL fails before any trial. Workers
-    starting together on a new database race to create its tables, so a failure is retried."""
+    starting together on a new database race to create its tables, so a failure is retried. With
+    the project ``root``, a trial failed by the heartbeat check also ends its MLflow run."""
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # workers wait for the lock
+    stale = end_stale_trial_run(root) if root is not None else None
     for attempt in range(attempts):
         try:
             with sqlite_lock(url):  # the first worker creates the tables while the others wait
                 return optuna.storages.RDBStorage(
-                    url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS
-                )
+                    url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                    heartbeat_stale_trial_callback=stale,
+                )  # fmt: skip
         except Exception as exc:  # SQLAlchemy and drivers raise many types (bad URL, no server, no driver)
             if attempt + 1 < attempts and not isinstance(exc, (ImportError, ValueError)):
                 time.sleep(1.0 + attempt)
@@ -173,9 +186,9 @@ def make_pruner(cfg: Config, final_epochs: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def open_study(cfg: Config, name: str, url: str, final_epochs: int, resume: bool) -> optuna.Study:
+def open_study(cfg: Config, root: Path, name: str, url: str, final_epochs: int, resume: bool) -> optuna.Study:
     sampler = TrialSeededSampler(cfg.seed if cfg.tune.sampler_seed is None else cfg.tune.sampler_seed)
-    storage = open_storage(url)
+    storage = open_storage(url, root)
     try:
         study = optuna.create_study(
             study_name=name, storage=storage, direction="maximize", sampler=sampler,
@@ -313,7 +326,7 @@ def tune(config_paths: list[Path] | None, overrides: list[str], root: Path, resu
     name = cfg.tune.study or f"{cfg.method}-{cfg.data.name}"
     url = storage_url(cfg, root)
     plan = plan_method(cfg)
-    study = open_study(cfg, name, url, getattr(plan[-1][1], plan[-1][0].section).epochs, resume)
+    study = open_study(cfg, root, name, url, getattr(plan[-1][1], plan[-1][0].section).epochs, resume)
     parent = Tracker(root, cfg.experiment, f"study-{name}", study_run_id(cfg, root, name) if resume else None)
     parent.set_tags({"optuna_study": name, "optuna_role": "study", "optuna_storage": url, "method": cfg.method})
     parent.log_params({"study": name, "method": cfg.method, "trials": cfg.tune.trials, "pruner": cfg.tune.pruner,

@@ -21,9 +21,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def is_up(url: str) -> bool:
+def is_up(url: str, probe: str = "ping") -> bool:
+    """Whether the server at ``url`` answers 200 on ``probe`` (``ping`` for a scoring server,
+    ``health`` for a tracking server)."""
     try:
-        with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
+        with urllib.request.urlopen(f"{url}/{probe}", timeout=2) as response:
             return response.status == 200
     except OSError:
         return False
