@@ -120,16 +120,7 @@ def test_dvc_repro_runs_the_pipeline_then_does_nothing_and_exp_run_is_tracked(re
     bad = run(repo, "dvc", "exp", "run", "-S", "ffn.lamda=0.7", check=False)
     assert bad.returncode != 0
 
-    # a one-stage method through the same DAG: stage 1 in slot 1, every other slot UNUSED
-    run(repo, "dvc", "exp", "run", "-n", "ce", "-S", "method=ce")
-    for slot in ("stage1-2", "stage2", "stage3"):
-        assert json.loads((repo / "models" / slot / "run.json").read_text())["status"] == "UNUSED"
-    ce = json.loads((repo / "models/stage1-1/run.json").read_text())
-    assert (ce["method"], ce["stage"], ce["final"]) == ("ce", "stage1", True)
-    evaluated = json.loads((repo / "metrics/test.json").read_text())
-    assert evaluated["run_dir"].endswith("models/stage1-1") and 0 <= evaluated["test_top1"] <= 100
-    assert json.loads((repo / "metrics/export.json").read_text())["parity_top1_agreement"] >= 0.99
-
+    # a one-stage method's slots: tests/test_stage.py, in process (a fifth pipeline here cost ~90 s)
     # a three-stage method: pre-training in slot 1, the probe in the depth-2 slot, the fine-tune in the depth-3 slot
     run(repo, "dvc", "exp", "run", "-n", "bns", "-S", "method=bns_ipdpp")
     assert json.loads((repo / "models/stage1-2/run.json").read_text())["status"] == "UNUSED"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import mlflow
 
-from ltrepro.tracking import Tracker, dead_stage_runs, end_runs, open_store, OWNER_TAG
+from ltrepro.tracking import Tracker, artifact_location, dead_stage_runs, end_runs, open_store, OWNER_TAG
 
 WORKERS = 4
 
@@ -58,3 +58,11 @@ def test_a_running_run_of_a_dead_process_is_found_and_ended_killed(project):
     end_runs(project, [ids["dead"]])
     statuses = {name: mlflow.get_run(run_id).info.status for name, run_id in ids.items()}
     assert statuses == {"dead": "KILLED", "alive": "RUNNING", "other-key": "RUNNING"}
+
+
+def test_a_tracking_server_keeps_artifacts_a_local_store_keeps_them_in_the_project(tmp_path):
+    assert artifact_location("http://127.0.0.1:5000", tmp_path) is None  # the server's --artifacts-destination
+    assert artifact_location("https://mlflow.example.org", tmp_path) is None
+    local = (tmp_path / "mlartifacts").resolve().as_uri()
+    assert artifact_location(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path) == local
+    assert artifact_location("postgresql+psycopg2://u@db/mlflow", tmp_path) == local  # a database, no server

@@ -143,17 +143,6 @@ def tune_command(project, *extra):
     return subprocess.Popen(args, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_two_workers_share_one_sqlite_study(project):
-    train(project / "params.yaml", FAST)  # both stage-1 backbones, so the workers only run stage 2
-    workers = [tune_command(project, "tune.trials=4", "tune.study=shared", f"tune.sampler_seed={i}", "--resume") for i in (1, 2)]
-    outputs = [worker.communicate(timeout=600)[0] for worker in workers]
-    assert [worker.returncode for worker in workers] == [0, 0], outputs
-    study = optuna.load_study(study_name="shared", storage=f"sqlite:///{project / 'optuna.db'}")
-    finished = [t for t in study.trials if t.state in tune_module.FINISHED_STATES]
-    assert 4 <= len(finished) <= 5 and not [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
-    assert len({t.number for t in study.trials}) == len(study.trials)
-
-
 def test_ctrl_c_keeps_finished_trials(project):
     train(project / "params.yaml", FAST)
     worker = tune_command(project, "tune.trials=50", "tune.study=interrupted", "tune.pruner=none")
