@@ -1,7 +1,7 @@
-"""Shared storage on PostgreSQL: `ltrepro tune` workers sharing one Optuna study, a killed worker's
-trial failed by the next worker (its owner check on this machine, the heartbeat for another
-machine's), and an MLflow tracking server with a PostgreSQL backend that `ltrepro train`, `report`,
-`export`/`promote` and `mlflow models serve` use.
+"""Shared storage on PostgreSQL (and sqlite, for one machine): `ltrepro tune` workers sharing one
+Optuna study, a killed worker's trial failed by the next worker (its owner check on this machine,
+the heartbeat for another machine's), and an MLflow tracking server with a PostgreSQL backend that
+`ltrepro train`, `report`, `export`/`promote` and `mlflow models serve` use.
 
 Each test process starts a throwaway cluster (tests/postgres.py) and each test gets a database of
 its own, so pytest-xdist workers never share one. Without PostgreSQL the tests skip, except in CI
@@ -30,7 +30,7 @@ from ltrepro.cli import main
 from ltrepro.data.loader import make_loader
 from ltrepro.model_registry import image_base64
 from ltrepro.rebuild import load_run
-from ltrepro.serving.server import free_port, is_up, mlflow_server
+from ltrepro.serving.server import free_port, mlflow_server, running_server
 from ltrepro.tracking import Tracker, open_store
 from ltrepro.tune import FINISHED_STATES, GRACE_SECONDS, open_storage
 from tests.postgres import Cluster, postgres_bin, start_cluster
@@ -87,7 +87,9 @@ def trial_runs(study: str) -> dict[int, mlflow.entities.Run]:
     return {int(run.data.tags["optuna_trial"]): run for run in found}
 
 
-def test_two_workers_share_one_postgresql_study(project: Path, database: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_workers_share_one_study(project: Path, tmp_path: Path, request: pytest.FixtureRequest, backend: str) -> None:
+    database = f"sqlite:///{project / 'optuna.db'}" if backend == "sqlite" else request.getfixturevalue("database")
     shared = ["tune.trials=4", "tune.study=shared", f"tune.storage={database}"]
     logs = [tmp_path / f"worker{seed}.log" for seed in (1, 2)]
     workers = [tune_worker(project, log, *shared, f"tune.sampler_seed={seed}", "--resume") for seed, log in zip((1, 2), logs)]
@@ -209,23 +211,8 @@ def tracking_server(postgres: Cluster, tmp_path_factory: pytest.TempPathFactory)
     backend, artifacts, port = postgres.create_database("mlflow"), folder / "artifacts", free_port()
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--artifacts-destination",
                str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
-    log = folder / "server.log"
-    with log.open("w") as output:
-        server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + SERVER_START_S
-        while not is_up(url, "health"):
-            assert server.poll() is None and time.monotonic() < deadline, f"mlflow server did not start:\n{log.read_text()[-3000:]}"
-            time.sleep(0.5)
+    with running_server("mlflow server", command, port, folder / "server.log", "health", SERVER_START_S) as url:
         yield {"url": url, "backend": backend, "artifacts": artifacts, "root": folder}
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 def run_status_in_postgres(backend: str, run_id: str) -> str:

@@ -32,25 +32,20 @@ def is_up(url: str, probe: str = "ping") -> bool:
 
 
 @contextmanager
-def mlflow_server(model_uri: str, tracking_uri: str, log: Path, workers: int = 1, startup_s: float = 180) -> Iterator[str]:
-    """``mlflow models serve -m MODEL_URI --env-manager local -h 127.0.0.1`` on a free port; yields
-    its URL and stops the whole process group on exit. The scoring server's uvicorn is found on
-    this interpreter's bin directory, as in an activated virtual environment."""
-    port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-               "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)]  # fmt: skip
+def running_server(what: str, command: list[str], port: int, log: Path, probe: str, startup_s: float,
+                   env: dict[str, str] | None = None) -> Iterator[str]:  # fmt: skip
+    """Start ``command`` (``what``, a server on 127.0.0.1:``port``) in a process group of its own,
+    output to ``log``; yield its URL once ``probe`` answers, and stop the whole group on exit."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as output:
         process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + startup_s
-        while not is_up(url):
+        while not is_up(url, probe):
             if process.poll() is not None or time.monotonic() > deadline:
                 tail = log.read_text()[-2000:]
-                raise LtreproError(f"mlflow models serve {model_uri} did not start (see {log}):\n{tail}")
+                raise LtreproError(f"{what} did not start (see {log}):\n{tail}")
             time.sleep(0.5)
         yield url
     finally:
@@ -61,3 +56,17 @@ def mlflow_server(model_uri: str, tracking_uri: str, log: Path, workers: int = 1
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+
+
+@contextmanager
+def mlflow_server(model_uri: str, tracking_uri: str, log: Path, workers: int = 1, startup_s: float = 180) -> Iterator[str]:
+    """``mlflow models serve -m MODEL_URI --env-manager local -h 127.0.0.1`` on a free port; yields
+    its URL and stops the whole process group on exit. The scoring server's uvicorn is found on
+    this interpreter's bin directory, as in an activated virtual environment."""
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+               "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)]  # fmt: skip
+    with running_server(f"mlflow models serve {model_uri}", command, port, log, "ping", startup_s, env) as url:
+        yield url
