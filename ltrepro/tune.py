@@ -146,12 +146,17 @@ def storage_url(cfg: Config, root: Path) -> str:
     return cfg.tune.storage or f"sqlite:///{(root / 'optuna.db').resolve()}"
 
 
+def fail_trial_runs(root: Path, trials: list[optuna.trial.FrozenTrial]) -> None:
+    """End the MLflow runs of trials that Optuna now holds as FAIL, FAILED too."""
+    end_runs(root, [t.user_attrs["mlflow_run_id"] for t in trials if "mlflow_run_id" in t.user_attrs], "FAILED")
+
+
 def end_stale_trial_run(root: Path):
     """Optuna's callback for a trial it failed for a missing heartbeat (its worker died, possibly on
     another machine): the trial's MLflow run ends FAILED too, instead of staying RUNNING."""
     def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         print(f"study {study.study_name}: trial {trial.number} sent no heartbeat for {GRACE_SECONDS} s; marked FAIL")
-        end_runs(root, [trial.user_attrs["mlflow_run_id"]] if "mlflow_run_id" in trial.user_attrs else [], "FAILED")
+        fail_trial_runs(root, [trial])
 
     return callback
 
@@ -211,7 +216,7 @@ def fail_dead_trials(study: optuna.Study, root: Path) -> list[int]:
     for trial in dead:
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
         print(f"study {study.study_name}: trial {trial.number} was left RUNNING by a dead worker; marked FAIL")
-    end_runs(root, [t.user_attrs["mlflow_run_id"] for t in dead if "mlflow_run_id" in t.user_attrs], "FAILED")
+    fail_trial_runs(root, dead)
     return [trial.number for trial in dead]
 
 

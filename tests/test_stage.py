@@ -31,7 +31,6 @@ def test_slots_run_by_position_and_empty_slots_are_marked(project, tmp_path):
     assert info["inputs"] == {"stage1": str(tmp_path / "s1")} and info["status"] == "FINISHED"
 
 
-
 def test_a_one_stage_method_fills_slot_1_and_evaluate_picks_it(project, tmp_path):
     """dvc.yaml's four slots for `ce`: stage 1 trains in slot 1, the other three are UNUSED markers,
     and `ltrepro evaluate` over all four (as the DVC stage calls it) evaluates slot 1."""
@@ -42,12 +41,14 @@ def test_a_one_stage_method_fills_slot_1_and_evaluate_picks_it(project, tmp_path
         assert main(["stage", slot, *earlier, "--run-dir", str(tmp_path / name), *config]) == 0
     statuses = [json.loads((tmp_path / name / "run.json").read_text())["status"] for name in slots.values()]
     assert statuses == ["FINISHED", "UNUSED", "UNUSED", "UNUSED"]
-    assert (read_run(tmp_path / "s1")["stage"], read_run(tmp_path / "s1")["final"]) == ("stage1", True)
+    slot_1 = read_run(tmp_path / "s1")
+    assert (slot_1["stage"], slot_1["final"]) == ("stage1", True)
     out = tmp_path / "test.json"
     assert main(["evaluate", *(str(tmp_path / name) for name in slots.values()), "--root", str(project),
                  "--out", str(out), "--plots-dir", str(tmp_path / "plots")]) == 0  # fmt: skip
     evaluated = json.loads(out.read_text())
     assert evaluated["run_dir"].endswith("/s1") and 0 <= evaluated["test_top1"] <= 100
+
 
 def test_stage2_finds_its_inputs_or_says_how_to_make_them(project, capsys):
     config = ["--config", str(project / "params.yaml"), "method=crt", *FAST]
