@@ -4,6 +4,15 @@ from __future__ import annotations
 
 import gzip
 import os
+
+
+# Each pytest-xdist worker gets its share of the CPUs. torch's OpenMP pool defaults to every core,
+# so N workers on N cores oversubscribe them N-fold: on 2 cores that doubled the suite's time. Set
+# before torch is first imported, for this worker and every subprocess its tests start (ltrepro,
+# dvc, mlflow run); a value the user exported wins.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
 from pathlib import Path
 
 import numpy as np
