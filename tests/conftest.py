@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 
 
 # Each pytest-xdist worker gets its share of the CPUs. torch's OpenMP pool defaults to every core,
@@ -70,8 +71,27 @@ def fmnist_source(tmp_path: Path) -> Path:
     return write_fmnist_source(tmp_path / "debian")
 
 
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A new MLflow sqlite store, its tracking and registry tables created, nothing else. Creating
+    them takes MLflow 1.5-2 s (every schema migration); tests copy this file instead, once a worker."""
+    import mlflow
+
+    path = tmp_path_factory.mktemp("mlflow-store") / "mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}")
+    client.search_experiments(max_results=1)
+    client.search_registered_models(max_results=1)
+    return path
+
+
+def new_mlflow_store(root: Path, empty_db: Path) -> str:
+    """``root``/mlflow.db as a copy of the empty store; returns its tracking URI."""
+    shutil.copyfile(empty_db, root / "mlflow.db")
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
 @pytest.fixture
-def project(tmp_path: Path, fmnist_source: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def project(tmp_path: Path, fmnist_source: Path, monkeypatch: pytest.MonkeyPatch, empty_mlflow_db: Path) -> Path:
     """A project folder with prepared tiny data, a fast params.yaml and a private MLflow store."""
     root = tmp_path / "project"
     root.mkdir()
@@ -85,5 +105,5 @@ def project(tmp_path: Path, fmnist_source: Path, monkeypatch: pytest.MonkeyPatch
         "stage1": {"epochs": 3, "batch_size": 16, "eval_batch_size": 64, "lr": 0.05, "warmup_epochs": 1},
     }
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", new_mlflow_store(root, empty_mlflow_db))
     return root

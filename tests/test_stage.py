@@ -31,23 +31,34 @@ def test_slots_run_by_position_and_empty_slots_are_marked(project, tmp_path):
     assert info["inputs"] == {"stage1": str(tmp_path / "s1")} and info["status"] == "FINISHED"
 
 
-def test_a_one_stage_method_fills_slot_1_and_evaluate_picks_it(project, tmp_path):
-    """dvc.yaml's four slots for `ce`: stage 1 trains in slot 1, the other three are UNUSED markers,
-    and `ltrepro evaluate` over all four (as the DVC stage calls it) evaluates slot 1."""
-    config = ["--config", str(project / "params.yaml"), "method=ce", *FAST]
+# dvc.yaml's slots, run as its stages call them: (method, extra overrides, each slot's (stage, final)
+# or None for an UNUSED marker, the slot `ltrepro evaluate` must pick)
+SLOT_CASES = [
+    ("ce", [], [("stage1", True), None, None, None], "s1"),
+    ("bns_ipdpp", ["stage1.batch_size=16", "probe.epochs=1", "ipdpp.k=5"],
+     [("pretrain", False), None, ("probe", False), ("finetune", True)], "f3"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("method, extra, expected, final", SLOT_CASES, ids=[case[0] for case in SLOT_CASES])
+def test_a_method_fills_the_slots_of_its_depths_and_evaluate_picks_its_final_stage(project, tmp_path, method, extra, expected, final):
+    """A one-stage method trains in slot 1 and marks the other three UNUSED; a three-stage one
+    puts pre-training in slot 1, the probe in the depth-2 slot and the fine-tune in the depth-3 one.
+    `ltrepro evaluate` over all four slots (as the DVC stage calls it) evaluates the final stage."""
+    config = ["--config", str(project / "params.yaml"), f"method={method}", *FAST, *extra]
     slots = {"stage1:1": "s1", "stage1:2": "s2", "stage2:1": "f2", "stage3:1": "f3"}
     for done, (slot, name) in enumerate(slots.items()):
         earlier = [arg for folder in list(slots.values())[:done] for arg in ("--from", str(tmp_path / folder))]
         assert main(["stage", slot, *earlier, "--run-dir", str(tmp_path / name), *config]) == 0
-    statuses = [json.loads((tmp_path / name / "run.json").read_text())["status"] for name in slots.values()]
-    assert statuses == ["FINISHED", "UNUSED", "UNUSED", "UNUSED"]
-    slot_1 = read_run(tmp_path / "s1")
-    assert (slot_1["stage"], slot_1["final"]) == ("stage1", True)
+    infos = [json.loads((tmp_path / name / "run.json").read_text()) for name in slots.values()]
+    assert [info["status"] for info in infos] == ["UNUSED" if e is None else "FINISHED" for e in expected]
+    assert [None if e is None else (info["method"], info["stage"], info["final"]) for info, e in zip(infos, expected)] == [
+        None if e is None else (method, *e) for e in expected]  # fmt: skip
     out = tmp_path / "test.json"
     assert main(["evaluate", *(str(tmp_path / name) for name in slots.values()), "--root", str(project),
                  "--out", str(out), "--plots-dir", str(tmp_path / "plots")]) == 0  # fmt: skip
     evaluated = json.loads(out.read_text())
-    assert evaluated["run_dir"].endswith("/s1") and 0 <= evaluated["test_top1"] <= 100
+    assert evaluated["run_dir"].endswith(f"/{final}") and 0 <= evaluated["test_top1"] <= 100
 
 
 def test_stage2_finds_its_inputs_or_says_how_to_make_them(project, capsys):
