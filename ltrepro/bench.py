@@ -142,15 +142,32 @@ def median_latency_ms(run_once, repeats: int) -> float:
     return float(np.median(times))
 
 
+def http_figures(url: str, singles: list[bytes], batches: list[bytes]) -> dict:
+    """Latency and throughput of one server: single images from 1 and from 8 clients (a burst of
+    1000 requests), and batches of 64 from 4 clients, after 20 warm-up requests."""
+    from ltrepro.serving.loadtest import run_load
+
+    run_load(url, singles, 1, 20, 1)
+    return {
+        "single_1_client": run_load(url, singles, 1, 300, 1),
+        "single_8_clients": run_load(url, singles, 8, 1000, 1),
+        "batch64_4_clients": run_load(url, batches, 4, 80, 64),
+    }
+
+
 def bench_serve(model_uri: str, root: Path, out: Path, repeats: int = 50) -> dict:
     """ONNX Runtime vs PyTorch eager latency of a registered model at batch 1 and 256, then HTTP
-    latency and throughput of ``mlflow models serve`` on real test images: single images with 1 and
-    4 clients, batches of 64 with 4 clients, and a burst of 1000 requests from 8 clients."""
+    latency and throughput of ``mlflow models serve`` on real test images (``http_figures``) in two
+    set-ups: one worker with ORT's default threads (one per core), and one worker per core with
+    one ORT thread each (``LTREPRO_ORT_THREADS=1``)."""
+    import os
+
     import mlflow
     import onnxruntime as ort
 
     from ltrepro.model_registry import image_base64
-    from ltrepro.serving.loadtest import request_body, run_load
+    from ltrepro.serving.loadtest import request_body
+    from ltrepro.serving.onnx_pyfunc import THREADS_ENV
     from ltrepro.serving.server import mlflow_server
     from ltrepro.tracking import open_store, tracking_uri
     from ltrepro.artifacts import download_run
@@ -175,18 +192,16 @@ def bench_serve(model_uri: str, root: Path, out: Path, repeats: int = 50) -> dic
     pngs = [image_base64(run.data.test, i) for i in range(256)]
     singles = [request_body([image]) for image in pngs]
     batches = [request_body(pngs[i : i + 64]) for i in range(0, 256, 64)]
-    with mlflow_server(model_uri, tracking_uri(root), out.with_suffix(".server.log")) as url:
-        run_load(url, singles, 1, 20, 1)  # warm-up
-        http = {
-            "single_1_client": run_load(url, singles, 1, 300, 1),
-            "single_4_clients": run_load(url, singles, 4, 400, 1),
-            "batch64_4_clients": run_load(url, batches, 4, 80, 64),
-            "burst_1000_8_clients": run_load(url, singles, 8, 1000, 1),
-        }
+    cores = len(os.sched_getaffinity(0))
+    setups = {"workers_1_ort_threads_default": (1, {}), f"workers_{cores}_ort_threads_1": (cores, {THREADS_ENV: "1"})}
+    http = {}
+    for name, (workers, env) in setups.items():
+        with mlflow_server(model_uri, tracking_uri(root), out.with_suffix(f".{name}.log"), workers, env=env) as url:
+            http[name] = http_figures(url, singles, batches)
     result = {
         "model_uri": model_uri, "onnx": str(onnx_path), "method": run.info["method"], "dataset": run.data.name,
         "device": device_name(torch.device("cpu")), "torch": torch.__version__, "onnxruntime": ort.__version__,
-        "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "repeats": repeats,
+        "torch_threads": torch.get_num_threads(), "cores": cores, "python": platform.python_version(), "repeats": repeats,
         "latency": latency, "http": http,
     }  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -59,12 +59,15 @@ def running_server(what: str, command: list[str], port: int, log: Path, probe: s
 
 
 @contextmanager
-def mlflow_server(model_uri: str, tracking_uri: str, log: Path, workers: int = 1, startup_s: float = 180) -> Iterator[str]:
-    """``mlflow models serve -m MODEL_URI --env-manager local -h 127.0.0.1`` on a free port; yields
-    its URL and stops the whole process group on exit. The scoring server's uvicorn is found on
-    this interpreter's bin directory, as in an activated virtual environment."""
+def mlflow_server(
+    model_uri: str, tracking_uri: str, log: Path, workers: int = 1, startup_s: float = 180, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """``mlflow models serve -m MODEL_URI --env-manager local -h 127.0.0.1 -w WORKERS`` on a free
+    port, with ``env`` added to this process's environment; yields its URL and stops the whole
+    process group on exit. The scoring server's uvicorn is found on this interpreter's bin
+    directory, as in an activated virtual environment."""
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+    env = {**os.environ, **(env or {}), "MLFLOW_TRACKING_URI": tracking_uri,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
                "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)]  # fmt: skip

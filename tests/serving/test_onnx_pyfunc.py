@@ -104,3 +104,16 @@ def test_providers_follow_torch_not_onnxruntime(monkeypatch):
     assert served.choose_providers() == ["CPUExecutionProvider"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert served.choose_providers()[0] == "CUDAExecutionProvider"
+
+
+def test_ort_threads_come_from_the_environment_or_are_refused(monkeypatch):
+    import onnxruntime as ort
+
+    monkeypatch.delenv(served.THREADS_ENV, raising=False)
+    assert served.session_options(ort).intra_op_num_threads == 0  # ORT's default: one thread per core
+    monkeypatch.setenv(served.THREADS_ENV, "1")
+    assert served.session_options(ort).intra_op_num_threads == 1
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv(served.THREADS_ENV, bad)
+        with pytest.raises(served.MlflowException, match=f"LTREPRO_ORT_THREADS: expected a positive integer.*got '{bad}'"):
+            served.session_options(ort)
