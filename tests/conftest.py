@@ -5,22 +5,28 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-
-
-# Each pytest-xdist worker gets its share of the CPUs. torch's OpenMP pool defaults to every core,
-# so N workers on N cores oversubscribe them N-fold: on 2 cores that doubled the suite's time. Set
-# before torch is first imported, for this worker and every subprocess its tests start (ltrepro,
-# dvc, mlflow run); a value the user exported wins.
-if "PYTEST_XDIST_WORKER" in os.environ:
-    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
 from pathlib import Path
 
-import numpy as np
-import pytest
-import yaml
 
-from ltrepro.data import fmnist
+def share_cpus_among_workers() -> None:
+    """Each pytest-xdist worker gets its share of the CPUs as OMP_NUM_THREADS, inherited by every
+    process its tests start (ltrepro, dvc, mlflow run); a value the user exported wins. torch's
+    OpenMP pool defaults to every core, so N workers on N cores oversubscribe them N-fold: on 2
+    cores that doubled the suite's time."""
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        share = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+        os.environ.setdefault("OMP_NUM_THREADS", str(share))
+
+
+# Before numpy and torch are imported: they size their thread pools from it then (torch.set_num_threads
+# later was measured 25% slower on the runner and export tests).
+share_cpus_among_workers()
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from ltrepro.data import fmnist  # noqa: E402
 
 
 def write_idx(path: Path, array: np.ndarray) -> Path:

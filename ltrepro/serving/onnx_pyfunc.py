@@ -7,7 +7,7 @@ converted to the model's colour mode and resized as in training (read from the O
 ``ltrepro export`` writes), scaled to [0, 1] and normalised. Output: one record per image with
 ``label``, ``class_name``, ``score`` (softmax probability of the label), and with
 ``params={"top_k": k}`` (k >= 1) the k best as ``top_labels``, ``top_classes``, ``top_scores``.
-Records, not a DataFrame: the server writes them as the same JSON, without pandas' ~1 ms a request.
+Records, not a DataFrame: the server writes the same JSON without building and converting a table.
 
 ONNX Runtime's intra-op threads: ``LTREPRO_ORT_THREADS`` in the server's environment, else ORT's
 default (one per core). With ``mlflow models serve -w N`` on C cores, C / N keeps the workers
@@ -188,5 +188,6 @@ class OnnxImageClassifier(PythonModel):
             for record, order, row in zip(records, best, probabilities):
                 record |= {"top_labels": order.tolist(), "top_classes": [names[i] for i in order], "top_scores": row[order].tolist()}
         return records
+
 
 mlflow.models.set_model(OnnxImageClassifier())
