@@ -244,7 +244,8 @@ def mlflow_statuses():
     return sorted(run.info.status for run in mlflow.search_runs(experiment_names=["ltrepro"], output_format="list"))
 
 
-LONG = ["stage1.epochs=12"]  # long enough for the kill to land mid-run
+LONG_EPOCHS = 6  # after the first saved epoch, five more: ~1 s for the kill (polled every 20 ms) to land mid-run
+LONG = [f"stage1.epochs={LONG_EPOCHS}"]
 
 
 def test_kill_9_then_the_same_command_resumes_the_run(project, capsys):
@@ -383,7 +384,7 @@ def test_a_resume_under_mlflow_run_logs_into_the_run_it_opened(project, monkeypa
     monkeypatch.setenv("MLFLOW_RUN_ID", opened)
     assert main(["stage", "stage1", "--config", str(project / "params.yaml"), *LONG]) == 0
     assert json.loads((killed / "run.json").read_text())["mlflow_run_id"] == opened
-    assert [m.step for m in client.get_metric_history(opened, "val_acc")] == list(range(12))
+    assert [m.step for m in client.get_metric_history(opened, "val_acc")] == list(range(LONG_EPOCHS))
     run = client.get_run(opened)
     assert run.info.status == "FINISHED" and run.data.tags["resumed_from_run_id"] == old_id
-    assert client.get_run(old_id).info.status == "KILLED" and run.data.params["stage1.epochs"] == "12"
+    assert client.get_run(old_id).info.status == "KILLED" and run.data.params["stage1.epochs"] == str(LONG_EPOCHS)
