@@ -48,6 +48,12 @@ def artifact_location(uri: str, root: Path) -> str | None:
 READY_STORES: set[str] = set()  # stores this process has opened (their schema exists)
 
 
+def create_tables(client) -> None:
+    """The tracking and the registry tables of ``client``'s store, which MLflow creates on first use."""
+    client.search_experiments(max_results=1)
+    client.search_registered_models(max_results=1)
+
+
 def open_store(root: Path, experiment: str | None = None) -> str:
     """Point MLflow at the project's store (and ``experiment``, created if new), creating the store's
     tables under ``sqlite_lock`` the first time; returns the tracking URI."""
@@ -61,8 +67,7 @@ def open_store(root: Path, experiment: str | None = None) -> str:
     try:
         with sqlite_lock(uri):
             client = mlflow.MlflowClient()
-            client.search_experiments(max_results=1)  # the tracking tables
-            client.search_registered_models(max_results=1)  # the registry's, in the same database
+            create_tables(client)
             if experiment is not None and client.get_experiment_by_name(experiment) is None:
                 client.create_experiment(experiment, artifact_location=artifact_location(uri, root))
     except Exception as exc:  # MLflow, SQLAlchemy, drivers and the file system raise many types

@@ -79,14 +79,15 @@ def fmnist_source(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A new MLflow sqlite store, its tracking and registry tables created, nothing else. Creating
-    them takes MLflow 1.5-2 s (every schema migration); tests copy this file instead, once a worker."""
+    """A new MLflow sqlite store, its tables created as ``open_store`` creates them, nothing else.
+    Creating them takes MLflow 1.5-2 s (every schema migration); tests copy this file instead, once
+    a worker. A client of its own, not ``open_store``: that would point MLflow's global tracking URI here."""
     import mlflow
 
+    from ltrepro.tracking import create_tables
+
     path = tmp_path_factory.mktemp("mlflow-store") / "mlflow.db"
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}")
-    client.search_experiments(max_results=1)
-    client.search_registered_models(max_results=1)
+    create_tables(mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}"))
     return path
 
 
