@@ -135,7 +135,10 @@ def fit(
     that ``stage.select`` picks. Epoch e draws its batches and mixup from generators seeded by
     (seed, e), so a resumed run repeats an uninterrupted one exactly on CPU. Under torchrun the
     other ranks train in step with rank 0 and skip validation and checkpoints (``val_top1`` NaN).
+    A stage of 0 epochs is post-hoc (``fit_post_hoc``).
     """
+    if stage.epochs == 0:
+        return fit_post_hoc(plan, val_loader, run_dir, device, num_classes, log_metrics)
     model, optimizer = plan.model, plan.optimizer
     world = distributed.current()
     if world.distributed and stage.batch_size < world.size:
@@ -197,6 +200,25 @@ def fit(
             flush=True,
         )
     return FitResult(best_epoch, best_val, best_path, history)
+
+
+def fit_post_hoc(
+    plan: StagePlan, val_loader: Loader | None, run_dir: Path, device: torch.device, num_classes: int,
+    log_metrics: Callable[[dict, int], None],
+) -> FitResult:  # fmt: skip
+    """A stage that trains nothing (post-hoc logit adjustment, tau-normalisation): ``plan.choose``
+    sets the model's free values on validation, and the model, validated once, is the selection
+    (epoch 0 of ``best.pt``). Nothing else is saved: there is no training state to resume."""
+    best_path = run_dir / "best.pt"
+    if not distributed.current().is_main:
+        return FitResult(0, float("nan"), best_path)
+    chosen = plan.choose(plan.model, val_loader, device) if plan.choose is not None else {}
+    val_top1 = validation_accuracy(plan, val_loader, device, num_classes)
+    metrics = {"val_acc": val_top1, **chosen}
+    log_metrics(metrics, 0)
+    save_atomic({"model": plan.model.state_dict(), "epoch": 0, "val_top1": val_top1}, best_path)
+    print(f"post-hoc  val {val_top1:.2f}%  " + "  ".join(f"{k} {v:g}" for k, v in chosen.items()), flush=True)
+    return FitResult(0, val_top1, best_path, [{"epoch": 0, **metrics}])
 
 
 def run_epoch(

@@ -6,6 +6,8 @@
   batch-shared subset of channels of the fused sample's features by the fusing sample's.
 * Cosine logits (NormedLinear, docs/methods/README.md#cosine-classifier) and FFN's stage-2 fused
   logits (docs/methods/ffn.md#stage-2-fusion).
+* The post-hoc corrections of a finished classifier (docs/methods/posthoc.md): logit adjustment
+  (Menon et al., ICLR'21) and tau-normalised weights (Kang et al., ICLR'20).
 
 Callers decide when an operation is active (training only, epoch > start, ...).
 """
@@ -119,6 +121,28 @@ def ffn_fused_logits(f_kps: torch.Tensor, f_ce: torch.Tensor, weight: torch.Tens
     if not 0.0 <= lam <= 1.0:
         raise LtreproError(f"FFN lam: got {lam!r}, expected a number in [0, 1]")
     return lam * cosine_logits(f_kps, weight) + (1 - lam) * cosine_logits(f_ce, weight)
+
+
+def posthoc_adjusted_logits(logits: torch.Tensor, counts: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
+    """Post-hoc logit adjustment (Menon et al., ICLR'21, §4.1; docs/methods/posthoc.md#posthoc_la):
+
+        z'_c = z_c - tau log pi_c,   pi_c = n_c / sum_j n_j
+
+    ``logits`` (N, C), ``counts`` (C,) the training counts. tau = 1 is the Bayes-optimal correction
+    for the balanced error when the model estimates the training class posterior; tau = 0 is the model.
+    """
+    return logits - tau * torch.log(counts / counts.sum())
+
+
+def tau_normalised_weight(weight: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
+    """tau-normalised classifier (Kang et al., ICLR'20, §4; docs/methods/posthoc.md#tau_norm):
+
+        w~_c = w_c / ||w_c||^tau
+
+    ``weight`` (C, D), one row per class. tau = 1 gives unit-norm rows, tau = 0 the weights as they are;
+    long-tailed training leaves head classes with larger norms, which tau between shrinks.
+    """
+    return weight / weight.norm(dim=1, keepdim=True).pow(tau)
 
 
 def cutmix_box(height: int, width: int, lam: float, centre_y: int, centre_x: int) -> tuple[int, int, int, int]:

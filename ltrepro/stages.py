@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -33,15 +33,19 @@ class StagePlan:
     """Everything ``engine.fit`` needs beyond the stage config.
 
     The objective and the loader may also implement the engine's epoch hooks (``epoch_metrics``,
-    ``epoch_state`` / ``load_epoch_state``; the loader ``set_epoch(epoch, model)``).
+    ``epoch_state`` / ``load_epoch_state``; the loader ``set_epoch(epoch, model)``). A post-hoc plan
+    (``posthoc_plan``, a stage of 0 epochs) trains nothing and has none of them: its ``choose``
+    fixes the model's free values on validation.
     """
 
     model: nn.Module
     objective: Any
     train_loader: Any
-    optimizer: torch.optim.Optimizer
-    update: UpdateRule
+    optimizer: torch.optim.Optimizer | None
+    update: UpdateRule | None
     readout: Readout
+    # (model, validation loader, device) -> what it chose, logged as metrics
+    choose: Callable[[nn.Module, Any, torch.device], dict[str, float]] | None = None
 
 
 def make_plan(
@@ -52,6 +56,11 @@ def make_plan(
     model's parameters by default); a stage without class logits passes its ``readout``."""
     groups = param_groups if param_groups is not None else [{"params": list(model.parameters())}]
     return StagePlan(model, objective, loader, build_optimizer(stage, groups), build_update(stage), readout or LogitReadout())
+
+
+def posthoc_plan(model: nn.Module, choose: Callable[[nn.Module, Any, torch.device], dict[str, float]] | None) -> StagePlan:
+    """A stage that trains nothing: ``choose`` (None: nothing to choose) sets the model on validation."""
+    return StagePlan(model, None, None, None, None, LogitReadout(), choose)
 
 
 def build_model(cfg: Config, data: LTData, head: str = "linear") -> Classifier:

@@ -1,4 +1,5 @@
-"""ltrepro.features: FCC factors and scaling, H2T grafting, cosine and FFN fused logits (hand values)."""
+"""ltrepro.features: FCC factors and scaling, H2T grafting, cosine and FFN fused logits, post-hoc
+corrections (hand values)."""
 from __future__ import annotations
 
 import math
@@ -15,6 +16,8 @@ from ltrepro.features import (
     fcc_scale,
     ffn_fused_logits,
     graft_channels,
+    posthoc_adjusted_logits,
+    tau_normalised_weight,
 )
 
 # ------------------------------------------------------------------------------------------ FCC factors
@@ -256,3 +259,25 @@ def test_ffn_equals_dot_product_of_weighted_normalised_features() -> None:
 def test_ffn_rejects_lam_outside_unit_interval() -> None:
     with pytest.raises(LtreproError, match="lam"):
         ffn_fused_logits(torch.ones(1, 2), torch.ones(1, 2), torch.eye(2), -0.1)
+
+
+# ------------------------------------------------------------------------------------------ post-hoc
+
+
+def test_posthoc_logit_adjustment_subtracts_tau_log_prior():
+    counts = torch.tensor([3.0, 1.0])  # pi = (0.75, 0.25)
+    logits = torch.tensor([[1.0, 1.0], [2.0, 0.0]])
+    adjusted = posthoc_adjusted_logits(logits, counts, 1.0)
+    expected = torch.tensor([[1 - math.log(0.75), 1 - math.log(0.25)], [2 - math.log(0.75), -math.log(0.25)]])
+    torch.testing.assert_close(adjusted, expected)
+    assert adjusted[0].argmax() == 1  # a tie goes to the rarer class
+    torch.testing.assert_close(posthoc_adjusted_logits(logits, counts, 0.0), logits)
+    torch.testing.assert_close(posthoc_adjusted_logits(logits, counts, 0.5)[0, 1], torch.tensor(1 - 0.5 * math.log(0.25)))
+
+
+def test_tau_normalised_weight_divides_rows_by_norm_to_the_tau():
+    weight = torch.tensor([[3.0, 4.0], [0.0, 2.0]])  # row norms 5 and 2
+    torch.testing.assert_close(tau_normalised_weight(weight, 1.0), torch.tensor([[0.6, 0.8], [0.0, 1.0]]))
+    root5, root2 = math.sqrt(5), math.sqrt(2)
+    torch.testing.assert_close(tau_normalised_weight(weight, 0.5), torch.tensor([[3 / root5, 4 / root5], [0.0, 2 / root2]]))
+    torch.testing.assert_close(tau_normalised_weight(weight, 0.0), weight)

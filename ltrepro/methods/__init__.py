@@ -110,4 +110,4 @@ def register(method: Method) -> Method:
 
 
 # Importing the method modules registers them.
-from ltrepro.methods import baselines, bns_ipdpp, ffn, fsgl, h2t  # noqa: E402,F401
+from ltrepro.methods import baselines, bns_ipdpp, ffn, fsgl, h2t, posthoc  # noqa: E402,F401

@@ -1,4 +1,5 @@
-"""Classifier heads that replace ``Classifier.head``: linear, cosine (NormedLinear) and MiSLAS LWS."""
+"""Classifier heads that replace ``Classifier.head``: linear, cosine (NormedLinear), MiSLAS LWS, and the
+post-hoc corrections of a finished linear head (logit adjustment, tau-normalisation)."""
 from __future__ import annotations
 
 from typing import Literal
@@ -7,7 +8,7 @@ import torch
 from torch import nn
 
 from ltrepro.errors import LtreproError
-from ltrepro.features import cosine_logits
+from ltrepro.features import cosine_logits, posthoc_adjusted_logits, tau_normalised_weight
 
 HeadKind = Literal["linear", "cosine"]
 
@@ -56,6 +57,45 @@ class LearnableWeightScaling(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features) * self.scales
+
+
+class PosthocCorrection(nn.Module):
+    """A finished head, frozen, whose scores a correction of strength ``tau`` changes without training.
+
+    ``tau`` is a buffer, so the value chosen on validation is saved with the weights and a rebuilt
+    model scores as the selected one did (docs/methods/posthoc.md).
+    """
+
+    def __init__(self, head: nn.Module, tau: float) -> None:
+        super().__init__()
+        self.head = head
+        for parameter in self.head.parameters():
+            parameter.requires_grad_(False)
+        self.register_buffer("tau", torch.tensor(float(tau)))
+
+
+class LogitAdjustedHead(PosthocCorrection):
+    """z - tau log pi (``posthoc_adjusted_logits``) on top of ``head``; ``counts`` are the training counts."""
+
+    def __init__(self, head: nn.Module, counts: torch.Tensor, tau: float) -> None:
+        super().__init__(head, tau)
+        self.register_buffer("counts", counts.float())
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return posthoc_adjusted_logits(self.head(features), self.counts, self.tau)
+
+
+class TauNormalisedHead(PosthocCorrection):
+    """``head``'s rows divided by their norm to the power tau (``tau_normalised_weight``), bias kept, so
+    tau = 0 is the finished head itself."""
+
+    def __init__(self, head: nn.Linear, tau: float) -> None:
+        if not isinstance(head, nn.Linear):
+            raise LtreproError(f"tau-normalisation needs a linear head, got {type(head).__name__} (a cosine head is normalised already)")
+        super().__init__(head, tau)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(features, tau_normalised_weight(self.head.weight, self.tau), self.head.bias)
 
 
 def make_head(kind: HeadKind, feature_dim: int, num_classes: int) -> nn.Module:

@@ -1,4 +1,4 @@
-"""ltrepro.models.heads: cosine classifier (NormedLinear), LWS, and make_head."""
+"""ltrepro.models.heads: cosine classifier (NormedLinear), LWS, make_head and the post-hoc corrections."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,7 @@ from torch import nn
 from ltrepro.errors import LtreproError
 from ltrepro.features import cosine_logits
 from ltrepro.models import create_model
-from ltrepro.models.heads import CosineClassifier, LearnableWeightScaling, make_head
+from ltrepro.models.heads import CosineClassifier, LearnableWeightScaling, LogitAdjustedHead, TauNormalisedHead, make_head
 
 
 def test_cosine_classifier_init_has_unit_rows_and_no_bias() -> None:
@@ -101,3 +101,27 @@ def test_heads_replace_the_classifier_head() -> None:
     logits = model(images)
     assert logits.shape == (2, 10)
     torch.testing.assert_close(logits, cosine_logits(model.features(images), model.head.head.weight))
+
+
+def test_posthoc_heads_freeze_the_head_keep_tau_in_the_state_and_are_the_head_at_tau_0() -> None:
+    torch.manual_seed(0)
+    linear, features = nn.Linear(4, 3), torch.randn(5, 4)
+    counts = torch.tensor([8.0, 4.0, 1.0])
+    for correct in (lambda head: LogitAdjustedHead(head, counts, 0.0), lambda head: TauNormalisedHead(head, 0.0)):
+        head = correct(linear)
+        torch.testing.assert_close(head(features), linear(features))
+        assert not any(p.requires_grad for p in head.parameters())
+        head.tau.fill_(0.7)
+        restored = correct(nn.Linear(4, 3))
+        restored.load_state_dict(head.state_dict())
+        assert restored.tau.item() == pytest.approx(0.7)
+        torch.testing.assert_close(restored(features), head(features))
+    adjusted = LogitAdjustedHead(linear, counts, 1.0)(features)
+    torch.testing.assert_close(adjusted - linear(features), -torch.log(counts / 13).expand(5, 3))
+    normalised = TauNormalisedHead(linear, 1.0)(features)
+    torch.testing.assert_close(normalised, features @ F.normalize(linear.weight, dim=1).t() + linear.bias)
+
+
+def test_tau_normalisation_refuses_a_cosine_head() -> None:
+    with pytest.raises(LtreproError, match="needs a linear head"):
+        TauNormalisedHead(CosineClassifier(4, 3), 1.0)
