@@ -5,6 +5,10 @@ seed, the stage keys are computed exactly as the runner computes them, and the n
 MLflow run tagged with the final stage's key supplies the metrics. So a cell is the run that
 ``ltrepro train``, ``dvc repro`` / ``dvc exp run`` or ``mlflow run`` produced with that config,
 wherever it ran, as long as it logged to this tracking store.
+
+``paired_table`` compares each row with a baseline row seed by seed: a seed fixes the LT subset,
+the validation split and the initialisation, and stages shared between methods are the same runs,
+so the per-seed difference removes the variance the two share.
 """
 from __future__ import annotations
 
@@ -95,6 +99,53 @@ def wall_cell(results: list[dict]) -> str:
     names = list(dict.fromkeys(name for result in results for name in result.get("wall_s", {})))
     means = [(name, np.mean([r["wall_s"][name] for r in results if name in r.get("wall_s", {})]) / 60) for name in names]
     return " + ".join(f"{name} {minutes:.1f}" for name, minutes in means) or "-"
+
+
+def t_interval(differences: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the Student-t interval of the mean of paired differences, n - 1 degrees of
+    freedom (NaN bounds for a single pair)."""
+    from scipy import stats
+
+    mean = float(differences.mean())
+    if len(differences) < 2:
+        return mean, float("nan"), float("nan")
+    half = stats.t.ppf(0.5 + level / 2, len(differences) - 1) * differences.std(ddof=1) / np.sqrt(len(differences))
+    return mean, mean - half, mean + half
+
+
+def baseline_row(row: str, baseline: str) -> str:
+    """The baseline's row at the same grid point as ``row`` ("ffn, data.imbalance=10" -> "bs, data.imbalance=10")."""
+    method, sep, settings = row.partition(", ")
+    return baseline + sep + settings
+
+
+def paired_table(results: dict, baseline: str) -> str:
+    """Each row minus the baseline at the same grid point, over the seeds both finished: mean
+    difference [95 % t interval]; ``~`` marks an interval that contains zero (no difference shown).
+    One paired seed gives the difference alone."""
+    header = (f"| method - {baseline} | paired seeds | top-1 | many | medium | few | ECE |\n"
+              "|---|---|---|---|---|---|---|\n")  # fmt: skip
+    rows = []
+    for row, by_seed in results.items():
+        base_row = baseline_row(row, baseline)
+        if row == base_row:
+            continue
+        base = results[base_row]
+        seeds = [s for s, m in by_seed.items() if m is not None and base.get(s) is not None]
+        cells = []
+        for column in COLUMNS:
+            diffs = np.array([by_seed[s].get(column, np.nan) - base[s].get(column, np.nan) for s in seeds], dtype=float)
+            if not len(diffs) or np.isnan(diffs).any():
+                cells.append("-")
+                continue
+            mean, low, high = t_interval(diffs)
+            if len(diffs) < 2:
+                cells.append(f"{mean:+.2f} (one seed)")
+                continue
+            mark = " ~" if low <= 0 <= high else ""
+            cells.append(f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]{mark}")
+        rows.append(f"| {row} | {','.join(map(str, seeds)) or '-'} | " + " | ".join(cells) + " |")
+    return header + "\n".join(rows) + "\n"
 
 
 def markdown_table(results: dict) -> str:

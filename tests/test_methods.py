@@ -128,7 +128,7 @@ def test_fcc_composes_with_ce_ffn_stage1_and_h2t(project, name, key):
     assert config[key.split(".")[0]]["fcc"] == 0.5 or key.startswith("stage2")
 
 
-def test_report_reads_the_runs_the_runner_made(project):
+def test_report_reads_the_runs_the_runner_made(project, capsys):
     from ltrepro.report import collect, markdown_table
 
     results = train(project / "params.yaml", ["method=crt", *FAST])
@@ -143,6 +143,9 @@ def test_report_reads_the_runs_the_runner_made(project):
     assert f"| stage1 {walls['stage1'] / 60:.1f} + stage2 {walls['stage2'] / 60:.1f} |" in text
     assert f"| crt | 0 (missing 1) | {results[-1].metrics['test_top1']:.2f} |" in text
     assert "| h2t |  (missing 0,1) | - |" in text
+    assert main(["report", "--config", str(project / "params.yaml"), *FAST, "--methods", "crt", "--baseline", "ce", "--seeds", "0"]) == 0
+    paired = capsys.readouterr().out.split("| method - ce |")[1]
+    assert f"| crt | 0 | {results[-1].metrics['test_top1'] - results[0].metrics['test_top1']:+.2f} (one seed) |" in paired
     grid = collect([project / "params.yaml"], project, ["crt"], [0], FAST, {"data.imbalance": ["10", "5"]})
     assert grid["crt, data.imbalance=10"][0]["test_top1"] == results[-1].metrics["test_top1"]  # the fixture's IF
     assert grid["crt, data.imbalance=5"][0] is None
