@@ -41,7 +41,7 @@ from ltrepro.data.loader import DeviceLoader, fixed_seed_generator
 from ltrepro.data.lt import lt_counts
 from ltrepro.engine import autocast
 from ltrepro.models import Classifier, create_model
-from ltrepro.tracking import device_name
+from ltrepro.tracking import cpu_name, device_name
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # the reference's Normalize
 
@@ -238,15 +238,6 @@ def mlflow_logging_cost(epoch_seconds: float, epochs: int) -> dict:
             tracker.end()
     seconds = float(np.median(times))
     return {"store": "sqlite (fresh)", "calls": epochs, "seconds_per_epoch": seconds, "share_of_engine_epoch": seconds / epoch_seconds}
-
-
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def hardware(device: torch.device) -> dict:

@@ -99,14 +99,27 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
 
 
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def run_tags(root: Path, data_hash: str, device: torch.device) -> dict[str, str]:
-    """Git commit, data hash, versions, device, and DVC's DVC_* variables when DVC runs us."""
+    """Git commit, data hash, versions, device, CPU and intra-op threads, and DVC's DVC_* variables
+    when DVC runs us. fp32 results on CPU depend on the thread count (reductions split differently),
+    so a run records it to be repeated to the digit."""
     tags = {
         "git_commit": git_commit(root),
         "data_hash": data_hash,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "device": device_name(device),
+        "cpu": cpu_name(),
+        "torch_threads": str(torch.get_num_threads()),
     }
     tags.update({key: value for key, value in os.environ.items() if key.startswith("DVC_")})
     return tags

@@ -83,8 +83,11 @@ def test_run_logs_params_tags_metrics_and_artifacts(project):
     for key in ("val_top1", "test_top1", "test_many", "test_medium", "test_few", "test_ece"):
         assert key in run.data.metrics
     assert len(mlflow.MlflowClient().get_metric_history(result.run_id, "val_acc")) == 2
-    for tag in ("git_commit", "data_hash", "torch_version", "device"):
+    for tag in ("git_commit", "data_hash", "torch_version", "device", "cpu"):
         assert run.data.tags[tag]
+    import torch
+
+    assert run.data.tags["torch_threads"] == str(torch.get_num_threads())  # fp32 CPU results depend on it
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)}
     assert {"config.yaml", "data_info.json", "metrics.json", "plots", "best.pt", "run.json"} <= artifacts
     info = json.loads((result.run_dir / "data_info.json").read_text())
