@@ -124,7 +124,7 @@ def ffn_fused_logits(f_kps: torch.Tensor, f_ce: torch.Tensor, weight: torch.Tens
 
 
 def posthoc_adjusted_logits(logits: torch.Tensor, counts: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
-    """Post-hoc logit adjustment (Menon et al., ICLR'21, §4.1; docs/methods/posthoc.md#posthoc_la):
+    """Post-hoc logit adjustment (Menon et al., ICLR'21, post-hoc correction; docs/methods/posthoc.md#posthoc_la):
 
         z'_c = z_c - tau log pi_c,   pi_c = n_c / sum_j n_j
 
@@ -135,7 +135,7 @@ def posthoc_adjusted_logits(logits: torch.Tensor, counts: torch.Tensor, tau: flo
 
 
 def tau_normalised_weight(weight: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
-    """tau-normalised classifier (Kang et al., ICLR'20, §4; docs/methods/posthoc.md#tau_norm):
+    """tau-normalised classifier (Kang et al., ICLR'20, tau-normalised classifier; docs/methods/posthoc.md#tau_norm):
 
         w~_c = w_c / ||w_c||^tau
 

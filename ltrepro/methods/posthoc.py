@@ -1,7 +1,7 @@
 """Post-hoc baselines on a finished CE model (docs/methods/posthoc.md): nothing trains in their stage.
 
-``posthoc_la`` subtracts tau log pi from the logits (Menon et al., ICLR'21, §4.1); ``tau_norm``
-divides each class's weight row by its norm to the power tau (Kang et al., ICLR'20, §4). Both take
+``posthoc_la`` subtracts tau log pi from the logits (Menon et al., ICLR'21); ``tau_norm``
+divides each class's weight row by its norm to the power tau (Kang et al., ICLR'20). Both take
 the CE baseline's stage 1 as input (the same run as ``ce``, reused) and choose tau on validation
 from a grid, unless ``posthoc.tau`` fixes it (which is what ``ltrepro tune`` sets).
 """
