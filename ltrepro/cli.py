@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="one row per value (and method), e.g. --grid data.imbalance=10,100; repeat for a product")  # fmt: skip
     report.add_argument("--stage", help="report this stage of each method (e.g. probe) instead of its final one")
     report.add_argument("--out", type=Path, help="also write the markdown table here")
+    report.add_argument("--optimism", action="store_true",
+                        help="the audited runs (audit.test_every_epoch=true): test top-1 selected on validation against the "
+                             "best epoch on test and the last epoch")
     report.add_argument("--baseline", metavar="METHOD",
                         help="also the paired difference of each method from METHOD over the seeds (mean, 95%% t interval)")
 
@@ -386,14 +389,17 @@ def command_evaluate(args: argparse.Namespace) -> None:
 
 
 def command_report(args: argparse.Namespace) -> None:
-    from ltrepro.report import collect, markdown_table, paired_table, parse_grid
+    from ltrepro.report import collect, markdown_table, optimism_table, paired_table, parse_grid
 
     grid = parse_grid(args.grid)
     methods = [*args.methods, *([args.baseline] if args.baseline and args.baseline not in args.methods else [])]
-    results = collect(config_files(args), project_root(args), methods, args.seeds, args.overrides, grid, args.stage)
+    overrides = [*args.overrides, *(["audit.test_every_epoch=true"] if args.optimism else [])]
+    results = collect(config_files(args), project_root(args), methods, args.seeds, overrides, grid, args.stage)
     table = markdown_table(results)
     if args.baseline:
         table += "\n" + paired_table(results, args.baseline)
+    if args.optimism:
+        table += "\n" + optimism_table(results)
     print(table)
     if args.out:
         args.out.write_text(table)

@@ -157,6 +157,14 @@ class DistributedConfig:
 
 
 @dataclass
+class AuditConfig:
+    """The test-selection audit (``ltrepro report --optimism``): off by default, and never read by
+    model selection, tuning or promotion."""
+
+    test_every_epoch: bool = False  # read the test split after every epoch, logged only as audit/test_top1
+
+
+@dataclass
 class BaseConfig:
     """The blocks every method shares; ``config_class()`` adds the blocks that methods register."""
 
@@ -172,6 +180,7 @@ class BaseConfig:
     tune: TuneConfig = field(default_factory=TuneConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     recipes: dict[str, Any] = field(default_factory=dict)  # per-method overrides, applied when it runs
 
 

@@ -22,6 +22,7 @@ from ltrepro.errors import LtreproError
 from ltrepro.tracking import open_store
 from ltrepro.context import resolve
 from ltrepro.runner import plan_method
+from ltrepro.scoring import AUDIT_METRIC
 
 COLUMNS = ("test_top1", "test_many", "test_medium", "test_few", "test_ece")
 
@@ -50,8 +51,8 @@ def finished_run(key: str):
 
 def seed_result(plan: list) -> dict | None:
     """The final stage's metrics plus ``wall_s``, each stage's wall time in seconds (its MLflow run's
-    end - start; a stage reused from another method counts its own run), or None when the final
-    stage has not finished."""
+    end - start; a stage reused from another method counts its own run), and its ``run_id``; None
+    when the final stage has not finished."""
     final = finished_run(plan[-1][2])
     if final is None:
         return None
@@ -60,7 +61,7 @@ def seed_result(plan: list) -> dict | None:
         run = final if key == plan[-1][2] else finished_run(key)
         if run is not None and run.info.end_time:
             walls[stage.name] = (run.info.end_time - run.info.start_time) / 1000
-    return {**final.data.metrics, "wall_s": walls}
+    return {**final.data.metrics, "wall_s": walls, "run_id": final.info.run_id}
 
 
 def up_to(plan: list, stage: str | None, method: str) -> list:
@@ -145,6 +146,48 @@ def paired_table(results: dict, baseline: str) -> str:
             mark = " ~" if low <= 0 <= high else ""
             cells.append(f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]{mark}")
         rows.append(f"| {row} | {','.join(map(str, seeds)) or '-'} | " + " | ".join(cells) + " |")
+    return header + "\n".join(rows) + "\n"
+
+
+def test_curve(run_id: str) -> list[float]:
+    """The audited run's test top-1 after each epoch, in epoch order (empty for an unaudited run)."""
+    import mlflow
+
+    history = mlflow.MlflowClient().get_metric_history(run_id, AUDIT_METRIC)
+    return [m.value for m in sorted(history, key=lambda m: m.step)]
+
+
+OPTIMISM_COLUMNS = ("selected on validation", "best epoch on test", "optimism", "last epoch", "last - selected")
+
+
+def optimism_figures(selected: float, curve: list[float]) -> tuple[float, ...]:
+    """(selected, best on test, best - selected, last, last - selected) for one audited run: what
+    choosing the epoch on the test set, or taking the last one, reports instead of the
+    validation-selected test top-1."""
+    best, last = max(curve), curve[-1]
+    return selected, best, best - selected, last, last - selected
+
+
+def optimism_table(results: dict) -> str:
+    """Per row, mean ± std over the audited seeds of ``optimism_figures``; seeds whose run was not
+    audited (``audit.test_every_epoch``) are named as missing."""
+    header = "| method | audited seeds | " + " | ".join(OPTIMISM_COLUMNS) + " |\n|---|---|" + "---|" * len(OPTIMISM_COLUMNS) + "\n"
+    rows = []
+    for row, by_seed in results.items():
+        figures, missing = {}, []
+        for seed, metrics in by_seed.items():
+            curve = test_curve(metrics["run_id"]) if metrics is not None else []
+            if curve:
+                figures[seed] = optimism_figures(metrics["test_top1"], curve)
+            else:
+                missing.append(seed)
+        values = np.array(list(figures.values()), dtype=float).reshape(len(figures), len(OPTIMISM_COLUMNS))
+        cells = [
+            f"{column.mean():.2f}" + (f" ± {column.std(ddof=1):.2f}" if len(column) > 1 else "") if len(column) else "-"
+            for column in values.T
+        ]
+        seeds = ",".join(map(str, figures)) + (f" (missing {','.join(map(str, missing))})" if missing else "")
+        rows.append(f"| {row} | {seeds} | " + " | ".join(cells) + " |")
     return header + "\n".join(rows) + "\n"
 
 

@@ -42,7 +42,7 @@ from ltrepro.runs import (
     RunResult, code_version, find_finished, new_run_dir, owner_alive, process_owner, read_run,
     read_run_json, to_json, unfinished_runs, write_run,
 )  # fmt: skip
-from ltrepro.scoring import FINAL_METRICS, test_summary
+from ltrepro.scoring import FINAL_METRICS, test_audit, test_summary
 from ltrepro.stage_keys import KEY_VERSION, builder_id, builder_view, stage_key, unread_settings
 from ltrepro.tracking import OWNER_TAG, Tracker, dead_stage_runs, end_runs, run_tags, ui_command
 
@@ -128,11 +128,14 @@ def inert_settings(cfg: Config) -> list[tuple[str, tuple[str, ...]]]:
 
 def plan_method(cfg: Config) -> list[tuple[Stage, Config, str]]:
     """Each stage of cfg.method with its config and key; keys depend on config alone, so a
-    report can find a method's finished runs without running anything."""
+    report can find a method's finished runs without running anything. ``audit`` acts on the
+    final stage only: the stages before it are the same runs as without it."""
     method = get_method(cfg.method)
     plan, keys = [], {}
     for stage in method.stages:
         stage_cfg = with_overrides(cfg, stage.overrides(cfg))
+        if not method.is_final(stage):  # the audit reads test for the reported stage; its inputs are the usual runs
+            stage_cfg = with_overrides(stage_cfg, {"audit": {"test_every_epoch": False}})
         keys[stage.name] = stage_key(stage_cfg, stage, {name: keys[name] for name in stage.inputs})
         plan.append((stage, stage_cfg, keys[stage.name]))
     return plan
@@ -315,8 +318,12 @@ def run_stage(
             end_runs(root, [previous_run_id])
     tracker.set_tags({OWNER_TAG: info["owner"]})
 
+    audit = test_audit(cfg, data, plan, getattr(cfg, stage.section).eval_batch_size, device) if cfg.audit.test_every_epoch else None
+
     def per_epoch(metrics: dict, epoch: int) -> None:
         tracker.log_metrics(metrics, epoch)
+        if audit is not None:  # logged apart: neither selection (in fit) nor on_epoch (tuning) sees it
+            tracker.log_metrics(audit(), epoch)
         if on_epoch is not None:
             on_epoch(stage.name, metrics, epoch)
 

@@ -1,12 +1,15 @@
 """The test split, read once per stage run on its selected checkpoint, and ``ltrepro evaluate``.
 
 Scores come from the stage's readout (a classifier's logits, or e.g. nearest class mean for a
-stage without one), so every stage is scored the way it was selected.
+stage without one), so every stage is scored the way it was selected. The audit mode
+(``audit.test_every_epoch``) alone reads it after every epoch too, logged under a name that
+nothing selecting a model reads.
 """
 from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -26,6 +29,22 @@ def test_summary(batch_size: int, cfg: Config, data: LTData, model, readout, dev
     loader = make_loader(data, "test", batch_size, device, num_workers=cfg.data.num_workers)
     scores, labels = readout.predict(model, loader, device)
     return summarize(scores, labels, data.train_counts), scores, labels
+
+
+AUDIT_METRIC = "audit/test_top1"
+
+
+def test_audit(cfg: Config, data: LTData, plan, batch_size: int, device) -> Callable[[], dict[str, float]]:
+    """``audit.test_every_epoch``: the test top-1 of the plan's current model, read after each epoch
+    and logged apart (``AUDIT_METRIC``), so the test-selection optimism can be measured; the runner
+    never hands it to selection or to the epoch hook that tuning reads."""
+    loader = make_loader(data, "test", batch_size, device, num_workers=cfg.data.num_workers)
+
+    def read() -> dict[str, float]:
+        scores, labels = plan.readout.predict(plan.model, loader, device)
+        return {AUDIT_METRIC: 100.0 * float((scores.argmax(1) == labels).mean())}
+
+    return read
 
 
 def evaluate_run(

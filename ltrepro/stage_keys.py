@@ -29,7 +29,7 @@ PLAN_FIELDS = (
 ALWAYS_READ = ("data", "model", "seed")
 NOT_IN_KEY = ("data.num_workers",)  # how fast batches come, not which
 # Keys no stage reads that are not method settings: where runs go, how they are tuned and registered.
-GLOBAL_KEYS = ("seed", "device", "out_dir", "experiment", "method", "tune", "registry", "distributed", "recipes")
+GLOBAL_KEYS = ("seed", "device", "out_dir", "experiment", "method", "tune", "registry", "distributed", "audit", "recipes")
 
 
 def builder_id(stage: "Stage") -> str:
@@ -62,6 +62,8 @@ def stage_key(cfg: Config, stage: "Stage", input_keys: dict[str, str]) -> str:
     loaded = stage.loaded_inputs(cfg)
     payload = {"version": KEY_VERSION, "builder": builder_id(stage), "section": stage.section, "reads": values,
                "inputs": {name: key for name, key in input_keys.items() if name in loaded}}  # fmt: skip
+    if cfg.audit.test_every_epoch:  # an audited run is a run of its own; off, every key is as it was
+        payload["audit"] = True
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -153,3 +153,15 @@ def test_report_reads_the_runs_the_runner_made(project, capsys):
     assert first["crt"][0]["test_top1"] == results[0].metrics["test_top1"] and list(first["crt"][0]["wall_s"]) == ["stage1"]
     with pytest.raises(LtreproError, match="--stage 'probe': method crt has stages stage1, stage2"):
         collect([project / "params.yaml"], project, ["crt"], [0], FAST, stage="probe")
+
+
+def test_the_audit_reruns_the_final_stage_alone_on_the_usual_inputs(project):
+    import mlflow
+
+    from ltrepro.scoring import AUDIT_METRIC
+
+    plain = train(project / "params.yaml", ["method=crt", *FAST])
+    audited = train(project / "params.yaml", ["method=crt", *FAST, "audit.test_every_epoch=true"])
+    assert [r.reused for r in audited] == [True, False] and audited[0].run_dir == plain[0].run_dir
+    assert len(mlflow.MlflowClient().get_metric_history(audited[-1].run_id, AUDIT_METRIC)) == 2  # stage2.epochs
+    assert mlflow.MlflowClient().get_metric_history(audited[0].run_id, AUDIT_METRIC) == []

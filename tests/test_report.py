@@ -1,10 +1,11 @@
-"""ltrepro.report: paired differences against a baseline, with t intervals (hand values)."""
+"""ltrepro.report: paired differences against a baseline with t intervals, and the test-selection
+optimism (hand values)."""
 import math
 
 import numpy as np
 import pytest
 
-from ltrepro.report import COLUMNS, baseline_row, paired_table, t_interval
+from ltrepro.report import COLUMNS, baseline_row, optimism_figures, paired_table, t_interval
 
 T_975_2DF = 4.302652729911275  # Student t, 97.5 % quantile, 2 degrees of freedom
 
@@ -40,3 +41,8 @@ def test_paired_table_pairs_by_seed_marks_intervals_with_zero_and_skips_missing_
 def test_the_baseline_row_is_taken_at_the_same_grid_point():
     assert baseline_row("ffn, data.imbalance=10", "bs") == "bs, data.imbalance=10"
     assert baseline_row("ffn", "bs") == "bs"
+
+
+def test_optimism_is_the_best_test_epoch_and_the_last_one_against_the_validation_selected_read():
+    # selected on validation: 71.0; the test curve peaks at 72.5 (epoch 2) and ends at 70.0
+    assert optimism_figures(71.0, [60.0, 71.0, 72.5, 70.0]) == (71.0, 72.5, 1.5, 70.0, -1.0)

@@ -391,3 +391,33 @@ def test_a_resume_under_mlflow_run_logs_into_the_run_it_opened(project, monkeypa
     run = client.get_run(opened)
     assert run.info.status == "FINISHED" and run.data.tags["resumed_from_run_id"] == old_id
     assert client.get_run(old_id).info.status == "KILLED" and run.data.params["stage1.epochs"] == str(LONG_EPOCHS)
+
+
+def test_the_audit_reads_test_every_epoch_apart_and_changes_no_training_selection_or_tuning_input(project, capsys):
+    import mlflow
+
+    from ltrepro.config import load_config
+    from ltrepro.context import resolve
+    from ltrepro.scoring import AUDIT_METRIC
+
+    plain = train(project / "params.yaml", ["stage1.epochs=3"])[0]
+    seen = []  # what the epoch hook, the one tuning reports from, is handed
+    cfg = resolve(load_config(project / "params.yaml", ["stage1.epochs=3", "audit.test_every_epoch=true"]))
+    audited = runner.run_method(cfg, project, on_epoch=lambda stage, metrics, epoch: seen.extend(metrics))[0]
+    assert not audited.reused and audited.run_dir != plain.run_dir  # an audited run is a run of its own
+    trained = [torch.load(r.run_dir / "best.pt", weights_only=True)["model"] for r in (plain, audited)]
+    assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])  # reading test changed no weight
+    assert json.dumps(audited.metrics, sort_keys=True) == json.dumps(plain.metrics, sort_keys=True)  # nor selection or the test read
+    client = mlflow.MlflowClient()
+    curve = client.get_metric_history(audited.run_id, AUDIT_METRIC)
+    assert [m.step for m in curve] == [0, 1, 2]
+    assert curve[int(audited.metrics["selected_epoch"])].value == pytest.approx(audited.metrics["test_top1"])
+    assert seen and not any(name.startswith("audit") for name in seen)
+    assert client.get_metric_history(plain.run_id, AUDIT_METRIC) == []
+    # report --optimism reads the audited run: selected, best on test, best - selected, last, last - selected
+    from ltrepro.report import optimism_figures
+
+    capsys.readouterr()
+    assert main(["report", "--config", str(project / "params.yaml"), "stage1.epochs=3", "--methods", "ce", "--seeds", "0", "--optimism"]) == 0
+    figures = optimism_figures(audited.metrics["test_top1"], [m.value for m in curve])
+    assert "| ce | 0 | " + " | ".join(f"{v:.2f}" for v in figures) + " |" in capsys.readouterr().out
