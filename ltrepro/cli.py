@@ -183,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--optimism", action="store_true",
                         help="the audited runs (audit.test_every_epoch=true): test top-1 selected on validation against the "
                              "best epoch on test and the last epoch")
+    report.add_argument("--html", type=Path, metavar="OUT",
+                        help="also write a static results page to OUT/index.html (figures as PNG), logged as a report-... MLflow run")
     report.add_argument("--baseline", metavar="METHOD",
                         help="also the paired difference of each method from METHOD over the seeds (mean, 95%% t interval)")
 
@@ -388,7 +390,17 @@ def command_evaluate(args: argparse.Namespace) -> None:
     print(f"written to {out}")
 
 
+def report_command(args: argparse.Namespace) -> str:
+    """The ``ltrepro report`` command line that ``args`` came from, for the results page."""
+    parts = ["ltrepro", "report", *[f"--config {path}" for path in args.config or []], *args.overrides,
+             "--methods", *args.methods, "--seeds", *map(str, args.seeds), *[f"--grid {item}" for item in args.grid]]  # fmt: skip
+    for flag, value in (("--stage", args.stage), ("--baseline", args.baseline), ("--html", args.html)):
+        parts += [flag, str(value)] if value else []
+    return " ".join(parts + ["--optimism"] * args.optimism)
+
+
 def command_report(args: argparse.Namespace) -> None:
+    from ltrepro.config import load_config
     from ltrepro.report import collect, markdown_table, optimism_table, paired_table, parse_grid
 
     grid = parse_grid(args.grid)
@@ -400,6 +412,15 @@ def command_report(args: argparse.Namespace) -> None:
         table += "\n" + paired_table(results, args.baseline)
     if args.optimism:
         table += "\n" + optimism_table(results)
+    if args.html:
+        from ltrepro.report_page import log_page, write_page
+
+        titles = ["Methods (test, mean ± std over seeds)"] + [f"Paired difference from {args.baseline}"] * bool(args.baseline)
+        titles += ["Test-selection optimism"] * args.optimism
+        page = write_page(args.html, results, list(zip(titles, table.split("\n\n"))), report_command(args), args.seeds,
+                          results if args.optimism else None)  # fmt: skip
+        run_id = log_page(project_root(args), load_config(config_files(args), overrides).experiment, args.html)
+        print(f"results page: {page} (MLflow run {run_id})")
     print(table)
     if args.out:
         args.out.write_text(table)
