@@ -1,5 +1,8 @@
 """ltrepro report --html: a static page whose every figure exists, is not blank, and is logged."""
+import os
 import re
+import shutil
+import subprocess
 
 import mlflow
 import numpy as np
@@ -37,6 +40,12 @@ def test_html_page_shows_the_runs_every_image_exists_is_not_blank_and_is_logged(
     for source in sources:
         pixels = image.imread(out / source)
         assert pixels.shape[0] > 100 and np.std(pixels) > 0.01, f"{source} is blank"
+    if os.environ.get("CI") or shutil.which("chromium"):  # .ci/run installs Debian's chromium
+        shot = project / "shot.png"
+        subprocess.run(["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1200,1600",
+                        f"--screenshot={shot}", (out / "index.html").as_uri()], check=True, capture_output=True, timeout=120)  # fmt: skip
+        rendered = image.imread(shot)[..., :3]
+        assert (rendered < 0.9).mean() > 0.01, "the page renders blank"  # tables, text and figures darken it
     run_id = capsys.readouterr().out.rsplit("(MLflow run ", 1)[1].split(")")[0]
     logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "report")}
     assert {f"report/{name}" for name in ["index.html", *sources]} <= logged
