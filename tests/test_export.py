@@ -18,7 +18,7 @@ FAST = ["stage1.epochs=2", "stage2.epochs=2", "stage2.batch_size=16", "ffn.kps_p
 NEW_METHODS = ["stage1.batch_size=16", "probe.epochs=1", "ipdpp.k=5"]  # the fixture's 90 images: full BNS batches
 
 
-@pytest.mark.parametrize("method", ["ffn", "h2t", "fsgl", "bns_ipdpp"])
+@pytest.mark.parametrize("method", ["ffn", "h2t", "fsgl", "bns_ipdpp", "tau_norm"])
 def test_export_matches_pytorch_and_carries_preprocessing(project, tmp_path, method):
     final = train(project / "params.yaml", [f"method={method}", *FAST, *NEW_METHODS])[-1]
     out = tmp_path / "model.onnx"
