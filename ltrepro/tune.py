@@ -183,7 +183,10 @@ def open_storage(url: str, root: Path | None = None, attempts: int = 3) -> optun
 
 
 def make_pruner(cfg: Config, final_epochs: int) -> optuna.pruners.BasePruner:
+    """The study's pruner; none for a post-hoc final stage (0 epochs: one report, nothing to stop)."""
     tune = cfg.tune
+    if final_epochs == 0:
+        return optuna.pruners.NopPruner()
     if tune.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=tune.startup_trials, n_warmup_steps=tune.warmup_epochs)
     if tune.pruner == "hyperband":

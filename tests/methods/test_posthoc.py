@@ -36,3 +36,16 @@ def test_posthoc_stage_reuses_ce_keeps_the_validation_best_tau_and_a_fixed_tau_0
     }
     strong = train(project / "params.yaml", [f"method={name}", *FAST, "posthoc.tau=2"])[-1]
     assert not strong.reused and strong.metrics["test_ece"] != ce.metrics["test_ece"]
+
+
+def test_tune_reaches_the_post_hoc_tau_with_either_pruner(project):
+    import optuna
+
+    from ltrepro.tune import tune
+
+    for pruner in ("hyperband", "median"):
+        summary = tune([project / "params.yaml"], ["method=posthoc_la", *FAST, "tune.trials=2", f"tune.study={pruner}",
+                                                   f"tune.pruner={pruner}"], project)  # fmt: skip
+        assert summary["complete"] == 2
+        study = optuna.load_study(study_name=pruner, storage=f"sqlite:///{project / 'optuna.db'}")
+        assert all(0.0 <= t.params["posthoc.tau"] <= 2.0 for t in study.trials)
