@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -390,35 +391,25 @@ def command_evaluate(args: argparse.Namespace) -> None:
     print(f"written to {out}")
 
 
-def report_command(args: argparse.Namespace) -> str:
-    """The ``ltrepro report`` command line that ``args`` came from, for the results page."""
-    parts = ["ltrepro", "report", *[f"--config {path}" for path in args.config or []], *args.overrides,
-             "--methods", *args.methods, "--seeds", *map(str, args.seeds), *[f"--grid {item}" for item in args.grid]]  # fmt: skip
-    for flag, value in (("--stage", args.stage), ("--baseline", args.baseline), ("--html", args.html)):
-        parts += [flag, str(value)] if value else []
-    return " ".join(parts + ["--optimism"] * args.optimism)
-
-
 def command_report(args: argparse.Namespace) -> None:
     from ltrepro.config import load_config
-    from ltrepro.report import collect, markdown_table, optimism_table, paired_table, parse_grid
+    from ltrepro.report import audited_figures, collect, markdown_table, optimism_table, paired_table, parse_grid
 
     grid = parse_grid(args.grid)
     methods = [*args.methods, *([args.baseline] if args.baseline and args.baseline not in args.methods else [])]
     overrides = [*args.overrides, *(["audit.test_every_epoch=true"] if args.optimism else [])]
     results = collect(config_files(args), project_root(args), methods, args.seeds, overrides, grid, args.stage)
-    table = markdown_table(results)
+    tables = [("Methods (test, mean ± std over seeds)", markdown_table(results))]
     if args.baseline:
-        table += "\n" + paired_table(results, args.baseline)
-    if args.optimism:
-        table += "\n" + optimism_table(results)
+        tables.append((f"Paired difference from {args.baseline}", paired_table(results, args.baseline)))
+    audited = audited_figures(results) if args.optimism else None
+    if audited is not None:
+        tables.append(("Test-selection optimism", optimism_table(audited)))
+    table = "\n".join(markdown for _, markdown in tables)
     if args.html:
         from ltrepro.report_page import log_page, write_page
 
-        titles = ["Methods (test, mean ± std over seeds)"] + [f"Paired difference from {args.baseline}"] * bool(args.baseline)
-        titles += ["Test-selection optimism"] * args.optimism
-        page = write_page(args.html, results, list(zip(titles, table.split("\n\n"))), report_command(args), args.seeds,
-                          results if args.optimism else None)  # fmt: skip
+        page = write_page(args.html, results, tables, args.command_line, args.seeds, audited)
         run_id = log_page(project_root(args), load_config(config_files(args), overrides).experiment, args.html)
         print(f"results page: {page} (MLflow run {run_id})")
     print(table)
@@ -484,12 +475,14 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+        rest, overrides = split_overrides(argv)
     except LtreproError as exc:
         print(f"ltrepro: error: {exc}", file=sys.stderr)
         return 2
     args = build_parser().parse_args(rest)
+    args.command_line = shlex.join(["ltrepro", *argv])  # as typed, for what records it (the results page)
     if overrides and not hasattr(args, "overrides"):
         print(f"ltrepro {args.command}: error: takes no config overrides, got {' '.join(overrides)}", file=sys.stderr)
         return 2

@@ -51,8 +51,8 @@ def finished_run(key: str):
 
 def seed_result(plan: list) -> dict | None:
     """The final stage's metrics plus ``wall_s``, each stage's wall time in seconds (its MLflow run's
-    end - start; a stage reused from another method counts its own run), and its ``run_id``; None
-    when the final stage has not finished."""
+    end - start; a stage reused from another method counts its own run), its ``run_id`` and
+    ``tags``; None when the final stage has not finished."""
     final = finished_run(plan[-1][2])
     if final is None:
         return None
@@ -61,7 +61,7 @@ def seed_result(plan: list) -> dict | None:
         run = final if key == plan[-1][2] else finished_run(key)
         if run is not None and run.info.end_time:
             walls[stage.name] = (run.info.end_time - run.info.start_time) / 1000
-    return {**final.data.metrics, "wall_s": walls, "run_id": final.info.run_id}
+    return {**final.data.metrics, "wall_s": walls, "run_id": final.info.run_id, "tags": final.data.tags}
 
 
 def up_to(plan: list, stage: str | None, method: str) -> list:
@@ -168,19 +168,26 @@ def optimism_figures(selected: float, curve: list[float]) -> tuple[float, ...]:
     return selected, best, best - selected, last, last - selected
 
 
-def optimism_table(results: dict) -> str:
-    """Per row, mean ± std over the audited seeds of ``optimism_figures``; seeds whose run was not
-    audited (``audit.test_every_epoch``) are named as missing."""
-    header = "| method | audited seeds | " + " | ".join(OPTIMISM_COLUMNS) + " |\n|---|---|" + "---|" * len(OPTIMISM_COLUMNS) + "\n"
-    rows = []
+def audited_figures(results: dict) -> dict[str, dict[int, tuple[float, ...] | None]]:
+    """{row: {seed: ``optimism_figures`` of its audited run, or None when the seed has no finished
+    audited run}}; each run's test curve read once, for the table and the results page alike."""
+    audited = {}
     for row, by_seed in results.items():
-        figures, missing = {}, []
+        audited[row] = {}
         for seed, metrics in by_seed.items():
             curve = test_curve(metrics["run_id"]) if metrics is not None else []
-            if curve:
-                figures[seed] = optimism_figures(metrics["test_top1"], curve)
-            else:
-                missing.append(seed)
+            audited[row][seed] = optimism_figures(metrics["test_top1"], curve) if curve else None
+    return audited
+
+
+def optimism_table(audited: dict[str, dict[int, tuple[float, ...] | None]]) -> str:
+    """Per row, mean ± std over the audited seeds of ``optimism_figures`` (``audited_figures``);
+    seeds whose run was not audited (``audit.test_every_epoch``) are named as missing."""
+    header = "| method | audited seeds | " + " | ".join(OPTIMISM_COLUMNS) + " |\n|---|---|" + "---|" * len(OPTIMISM_COLUMNS) + "\n"
+    rows = []
+    for row, by_seed in audited.items():
+        figures = finished(by_seed)
+        missing = [seed for seed in by_seed if seed not in figures]
         values = np.array(list(figures.values()), dtype=float).reshape(len(figures), len(OPTIMISM_COLUMNS))
         cells = [
             f"{column.mean():.2f}" + (f" ± {column.std(ddof=1):.2f}" if len(column) > 1 else "") if len(column) else "-"
@@ -191,13 +198,18 @@ def optimism_table(results: dict) -> str:
     return header + "\n".join(rows) + "\n"
 
 
+def finished(by_seed: dict) -> dict:
+    """The seeds of a row that have a result."""
+    return {seed: value for seed, value in by_seed.items() if value is not None}
+
+
 def markdown_table(results: dict) -> str:
     """Mean ± std (ddof 1) over the seeds that finished, and each stage's mean wall time; missing
     seeds are named."""
     header = "| method | seeds | top-1 | many | medium | few | ECE | wall (min per stage) |\n|---|---|---|---|---|---|---|---|\n"
     rows = []
     for method, by_seed in results.items():
-        done = {seed: m for seed, m in by_seed.items() if m is not None}
+        done = finished(by_seed)
         cells = []
         for column in COLUMNS:
             values = np.array([m.get(column, np.nan) for m in done.values()], dtype=float)

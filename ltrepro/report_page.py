@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ltrepro.evaluate import save_figure
-from ltrepro.report import optimism_figures, test_curve
+from ltrepro.report import finished
 
 
 def run_files(run_id: str, paths: list[str], folder: Path) -> dict[str, Path]:
@@ -39,19 +39,12 @@ def run_files(run_id: str, paths: list[str], folder: Path) -> dict[str, Path]:
     return found
 
 
-def finished(by_seed: dict) -> dict:
-    return {seed: metrics for seed, metrics in by_seed.items() if metrics is not None}
-
-
-def per_class_figure(results: dict, evaluations: dict, path: Path) -> Path:
-    """Test accuracy of each class against its training count (log scale), one line per row,
-    the mean over its seeds; classes sorted by count."""
+def per_class_figure(evaluations: dict[str, list[dict]], path: Path) -> Path:
+    """Test accuracy of each class against its training count (log scale), one line per row (its
+    seeds' ``metrics.json``), the mean over its seeds; classes sorted by count."""
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.add_subplot()
-    for row in results:
-        runs = [e for e in evaluations.get(row, []) if e is not None]
-        if not runs:
-            continue
+    for row, runs in evaluations.items():
         counts = np.asarray(runs[0]["train_counts"], dtype=float)
         accuracy = np.nanmean(np.array([e["per_class"] for e in runs], dtype=float), axis=0)
         order = np.argsort(counts)
@@ -64,7 +57,7 @@ def per_class_figure(results: dict, evaluations: dict, path: Path) -> Path:
 
 def optimism_figure(optimism: dict[str, list[tuple[float, ...]]], path: Path) -> Path:
     """Per row, the best-epoch-on-test and last-epoch test top-1 minus the validation-selected one
-    (mean over audited seeds, with each seed as a dot)."""
+    (mean over audited seeds, with each seed as a dot); ``optimism``: each row's ``optimism_figures``."""
     fig = Figure(figsize=(8, 4), layout="constrained")
     ax = fig.add_subplot()
     rows = list(optimism)
@@ -96,26 +89,24 @@ def markdown_to_html(table: str) -> str:
 
 def hardware_line(results: dict) -> str:
     """What the runs recorded about where they ran: device, CPU, torch threads (each distinct value)."""
-    import mlflow
-
     seen: dict[str, set[str]] = {"device": set(), "cpu": set(), "torch_threads": set()}
     for by_seed in results.values():
         for metrics in finished(by_seed).values():
-            tags = mlflow.get_run(metrics["run_id"]).data.tags
             for key in seen:
-                seen[key].add(tags.get(key, "not recorded"))
+                seen[key].add(metrics["tags"].get(key, "not recorded"))
     return "; ".join(f"{key}: {', '.join(sorted(values))}" for key, values in seen.items() if values)
 
 
 def write_page(
     out: Path, results: dict, tables: list[tuple[str, str]], command: str, seeds: list[int],
-    optimism_results: dict | None = None,
+    audited: dict | None = None,
 ) -> Path:  # fmt: skip
-    """Write ``out/index.html`` and its figures; ``tables`` are (title, markdown) pairs, shown first."""
+    """Write ``out/index.html`` and its figures; ``tables`` are (title, markdown) pairs, shown first;
+    ``audited`` (``report.audited_figures``) adds the optimism figure."""
     out.mkdir(parents=True, exist_ok=True)
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # one bar per file downloaded is noise
     downloads = out / "runs"
-    evaluations: dict[str, list[dict | None]] = {}
+    evaluations: dict[str, list[dict]] = {}
     reliability: dict[str, list[tuple[int, Path]]] = {}
     for row, by_seed in results.items():
         for seed, metrics in finished(by_seed).items():
@@ -130,22 +121,18 @@ def write_page(
     meta = (f"<p class=meta>Command: <code>{html.escape(command)}</code>. Seeds: {' '.join(map(str, seeds))}. "
             f"Runs recorded {html.escape(hardware_line(results))}. Page written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.</p>")  # fmt: skip
     parts = [f"<h2>{html.escape(title)}</h2>{markdown_to_html(table)}{meta}" for title, table in tables]
-    per_class = per_class_figure(results, evaluations, out / "per_class.png")
+    per_class = per_class_figure(evaluations, out / "per_class.png")
     parts.append(f"<h2>Per-class test accuracy against training count</h2><img src='{per_class.name}' alt='per-class accuracy'>{meta}")
     cells = "".join(
         f"<figure><img src='{path.name}' alt='reliability {html.escape(row)} seed {seed}'><figcaption>{html.escape(row)}, seed {seed}</figcaption></figure>"
         for row, entries in reliability.items() for seed, path in entries
     )  # fmt: skip
     parts.append(f"<h2>Reliability diagrams (test, 15 bins)</h2><div class=grid>{cells}</div>{meta}")
-    if optimism_results is not None:
-        audited = {
-            row: [optimism_figures(m["test_top1"], curve) for m in finished(by_seed).values() if (curve := test_curve(m["run_id"]))]
-            for row, by_seed in optimism_results.items()
-        }  # fmt: skip
-        audited = {row: figures for row, figures in audited.items() if figures}
-        if audited:
-            figure = optimism_figure(audited, out / "optimism.png")
-            parts.append(f"<h2>Test-selection optimism (audited runs)</h2><img src='{figure.name}' alt='optimism'>{meta}")
+    optimism = {row: list(finished(by_seed).values()) for row, by_seed in (audited or {}).items()}
+    optimism = {row: figures for row, figures in optimism.items() if figures}
+    if optimism:
+        figure = optimism_figure(optimism, out / "optimism.png")
+        parts.append(f"<h2>Test-selection optimism (audited runs)</h2><img src='{figure.name}' alt='optimism'>{meta}")
     page = out / "index.html"
     page.write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>ltrepro results</title><style>"

@@ -37,6 +37,8 @@ register_block("la", LogitAdjustedConfig)
 def with_loss(loss: str, params: Callable[[Config], dict] = lambda cfg: {}) -> Callable[[Config], dict]:
     """Stage overrides that make stage 1 train with ``loss``, whatever stage1.loss says: the method is its loss."""
     return lambda cfg: {"stage1": {"loss": loss, "loss_params": params(cfg)}}
+
+
 # What a one-backbone classifier stage reads of stage2 beyond its plan fields.
 PROBE_READS = tuple(
     f"stage2.{name}" for name in ("loss", "loss_params", "head", "init", "bn", "mixup_alpha", "sampler", "fcc", "fcc_start_epoch")
