@@ -42,7 +42,7 @@ class DataConfig:
     """Which dataset, how its long-tailed subset is drawn, and where validation comes from.
 
     ``null`` for n_max, val_per_class and image_size means the dataset's own default; the run
-    logs the resolved values. ``split`` and ``split_seed`` apply only to datasets drawn from a
+    logs the resolved values. ``split``, ``split_seed`` and ``class_order_seed`` apply only to datasets drawn from a
     balanced pool; validation is drawn with the run seed whatever ``split_seed`` says.
     """
 
@@ -55,6 +55,9 @@ class DataConfig:
     # ldam (shuffle, first n_c), glmc (GLMC/FSGL choice without replacement), first_n (file order)
     split: Literal["ldam", "glmc", "first_n"] = "ldam"
     split_seed: int | None = bounded(None, 0, 2**31 - 1)  # seed of the LT draw; null: the run's seed
+    # null: class c gets the c-th largest count (sorted ids, as every reference); s: the counts dealt
+    # out by RandomState(s).permutation(C), so class index and frequency rank differ
+    class_order_seed: int | None = bounded(None, 0, 2**31 - 1)
     val_per_class: int | None = bounded(None, 0)
     reserve: bool = False  # hold validation out of every class before the LT draw
     verify_checksums: bool = True
@@ -105,6 +108,7 @@ class StageConfig:
     head: Literal["linear", "cosine"] = "linear"
     fcc: float = bounded(0.0, 0.0)  # FCC gamma (docs/methods/fcc.md); 0 = off
     fcc_start_epoch: int = bounded(0, 0)  # FCC scales features from epoch fcc_start_epoch + 1 (1-based)
+    fcc_by_index: bool = False  # true: FCC factors by class id, as the released code (FC2), not by frequency rank
 
 
 @dataclass

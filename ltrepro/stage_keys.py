@@ -12,9 +12,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from fnmatch import fnmatch
 from typing import TYPE_CHECKING, Any
 
 from ltrepro.config import Config, config_class, flatten, to_dict
+from ltrepro.data.lt import draw_seed
 from ltrepro.errors import LtreproError
 
 if TYPE_CHECKING:
@@ -28,6 +30,9 @@ PLAN_FIELDS = (
 )  # fmt: skip
 ALWAYS_READ = ("data", "model", "seed")
 NOT_IN_KEY = ("data.num_workers",)  # how fast batches come, not which
+# Fields added after version 2, left out of a key while they hold their default: every earlier key
+# stays valid, and a run that sets one gets a key of its own.
+LATE_FIELDS = {"data.class_order_seed": None, "*.fcc_by_index": False}
 # Keys no stage reads that are not method settings: where runs go, how they are tuned and registered.
 GLOBAL_KEYS = ("seed", "device", "out_dir", "experiment", "method", "tune", "registry", "distributed", "audit", "recipes")
 
@@ -53,12 +58,37 @@ def read_value(cfg: Any, path: str) -> Any:
     return to_dict(node) if dataclasses.is_dataclass(node) else node
 
 
+def without_late_defaults(values: dict, prefix: str = "") -> dict:
+    """``values`` without the fields of ``LATE_FIELDS`` that hold their default, at any depth."""
+    kept = {}
+    for name, value in values.items():
+        path = prefix + name
+        if isinstance(value, dict):
+            value = without_late_defaults(value, path + ".")
+        elif any(fnmatch(path, pattern) and type(value) is type(default) and value == default
+                 for pattern, default in LATE_FIELDS.items()):  # fmt: skip
+            continue
+        kept[name] = value
+    return kept
+
+
+def canonical_data(data: dict, seed: int) -> dict:
+    """The data block with the LT draw's seed written one way: null when the draw uses the run seed
+    (``split_seed`` null or equal to ``seed``) or draws nothing at random (first_n), so two
+    configs that draw the same subset share a key."""
+    if draw_seed(data["split"], data["split_seed"], seed) in (None, seed):
+        return {**data, "split_seed": None}
+    return data
+
+
 def stage_key(cfg: Config, stage: "Stage", input_keys: dict[str, str]) -> str:
     """The key of ``stage`` run with ``cfg`` (already carrying the stage's overrides)."""
     values = {path: read_value(cfg, path) for path in stage_reads(stage)}
     for path in NOT_IN_KEY:
         block, _, name = path.partition(".")
         values[block] = {k: v for k, v in values[block].items() if k != name}
+    values["data"] = canonical_data(values["data"], cfg.seed)
+    values = without_late_defaults(values)
     loaded = stage.loaded_inputs(cfg)
     payload = {"version": KEY_VERSION, "builder": builder_id(stage), "section": stage.section, "reads": values,
                "inputs": {name: key for name, key in input_keys.items() if name in loaded}}  # fmt: skip

@@ -85,11 +85,16 @@ def stage_loss(stage: StageConfig, data: LTData, section: str):
 
 
 def feature_scaling(stage: StageConfig, data: LTData) -> FeatureScaling:
-    """FCC factors ranked by training frequency (our fix of bug FC2), or off when stage.fcc is 0."""
+    """FCC factors, or off when stage.fcc is 0."""
     if stage.fcc <= 0:
         return FeatureScaling(None, 0)
-    factors = fcc_factors(data.num_classes, stage.fcc, class_ranks(data.train_counts.tolist()))
-    return FeatureScaling(factors, stage.fcc_start_epoch)
+    return FeatureScaling(stage_fcc_factors(stage, data.train_counts.tolist()), stage.fcc_start_epoch)
+
+
+def stage_fcc_factors(stage: StageConfig, counts: list[int]) -> torch.Tensor:
+    """FCC factors ranked by training frequency (our fix of bug FC2), or by class id with
+    ``fcc_by_index`` (the released code's)."""
+    return fcc_factors(len(counts), stage.fcc, None if stage.fcc_by_index else class_ranks(counts))
 
 
 def train_loader(cfg: Config, data: LTData, stage: StageConfig, device: torch.device, sampler: str | None = None):
@@ -107,8 +112,9 @@ def representation_stage(cfg: Config, data: LTData, inputs: dict[str, Path], dev
     return make_plan(stage, model, objective, train_loader(cfg, data, stage, device))
 
 
+FCC_FIELDS = ("fcc", "fcc_start_epoch", "fcc_by_index")  # what feature_scaling reads of a stage's block
 # What representation_stage reads beyond the plan fields, data, model and seed.
-REPRESENTATION_READS = tuple(f"stage1.{name}" for name in ("loss", "loss_params", "head", "mixup_alpha", "sampler", "fcc", "fcc_start_epoch"))
+REPRESENTATION_READS = tuple(f"stage1.{name}" for name in ("loss", "loss_params", "head", "mixup_alpha", "sampler", *FCC_FIELDS))
 
 
 class FrozenBackbone(nn.Module):

@@ -138,6 +138,25 @@ def test_kps_uses_frequency_ranks_not_class_index() -> None:
         assert torch.allclose(plain(cosine, labels), relabelled(cosine[:, perm], new_label[labels]))
 
 
+def test_kps_mirror_index_reproduces_the_released_pairing() -> None:
+    # counts [1, 50, 2500] (the sorted problem reversed): s = [1, 2, 3]. By rank the mirror is [2, 1, 0]
+    # as well, so margins 0.6 * s[[2, 1, 0]] / 3 = [0.6, 0.4, 0.2] both ways; on [50, 1, 2500] (s = [2, 1, 3])
+    # rank pairs 0 <-> 0 (middle), 1 <-> 2, so margins 0.6 * [2, 3, 1] / 3 = [0.4, 0.6, 0.2]; index pairs 0 <-> 2:
+    # 0.6 * s[[2, 1, 0]] / 3 = 0.6 * [3, 1, 2] / 3 = [0.6, 0.2, 0.4], and GA scales 15 * [3, 1, 2] = [45, 15, 30].
+    counts = LF.as_counts([50, 1, 2500])
+    index = LF.index_mirror(3)
+    assert index.tolist() == [2, 1, 0] and LF.frequency_mirror(counts).tolist() == [0, 2, 1]
+    assert torch.allclose(LF.kps_margins(counts, 0.6), torch.tensor([0.4, 0.6, 0.2], dtype=torch.float64))
+    assert torch.allclose(LF.kps_margins(counts, 0.6, index), torch.tensor([0.6, 0.2, 0.4], dtype=torch.float64))
+    assert torch.allclose(LF.kps_ga_scales(counts, 15.0, 50.0, index), torch.tensor([45.0, 15.0, 30.0], dtype=torch.float64))
+    for sorted_counts in (KPS_COUNTS, KPS_COUNTS[::-1]):  # on a sorted profile index and rank agree
+        assert close(build_loss("kps", sorted_counts, mirror="index")(COSINE, LABELS), build_loss("kps", sorted_counts)(COSINE, LABELS))
+    shuffled = [50, 1, 2500]
+    assert not close(build_loss("kps", shuffled, mirror="index")(COSINE, LABELS), build_loss("kps", shuffled)(COSINE, LABELS))
+    with pytest.raises(LtreproError, match="parameter 'mirror'; allowed: 'rank'"):
+        build_loss("kps", shuffled, mirror="count")
+
+
 def test_frequency_mirror_breaks_ties_by_class_index() -> None:
     assert LF.frequency_mirror(LF.as_counts([10, 10, 1])).tolist() == [2, 1, 0]
     assert LF.frequency_mirror(LF.as_counts([1, 10, 10])).tolist() == [1, 0, 2]

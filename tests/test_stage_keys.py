@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from ltrepro.config import config_class, flatten, load_config, to_dict, unflatten, with_overrides
+from ltrepro.context import resolve
 from ltrepro.methods import METHODS
 from ltrepro.runner import check_method, plan_method
 from ltrepro.stage_keys import GLOBAL_KEYS, NOT_IN_KEY, covers, stage_reads
@@ -115,3 +116,24 @@ def test_params_yaml_recipes_set_nothing_their_method_ignores(method, capsys):
 def test_global_keys_are_config_keys():
     fields = {f.name for f in dataclasses.fields(config_class())}
     assert set(GLOBAL_KEYS) <= fields
+
+
+def stage1_key(*overrides: str) -> str:
+    """The key of ce's stage 1 as a run computes it (dataset defaults resolved)."""
+    return plan_method(resolve(load_config(REPO / "params.yaml", ["method=ce", *overrides])))[0][2]
+
+
+def test_keys_on_record_stay_valid():
+    """Fields added since (LATE_FIELDS) stay out of a key at their default, so the finished runs on
+    record are still found. If a default in params.yaml changes on purpose, `ltrepro rekey` and update."""
+    assert stage1_key() == "b729a03f81babcb8"  # ce stage 1 on fmnist_lt, seed 0, before class_order_seed
+    assert stage1_key("data.class_order_seed=0") != stage1_key() != stage1_key("stage1.fcc_by_index=true")
+
+
+def test_the_lt_draw_seed_is_written_one_way():
+    """A split seed equal to the run seed, or any split seed of first_n, draws the same subset as null."""
+    assert stage1_key("data.split_seed=0") == stage1_key()
+    assert stage1_key("seed=2", "data.split_seed=2") == stage1_key("seed=2") != stage1_key()
+    assert stage1_key("data.split_seed=1") not in (stage1_key(), stage1_key("seed=1"))
+    first_n = stage1_key("data.split=first_n")
+    assert stage1_key("data.split=first_n", "data.split_seed=5") == first_n != stage1_key()

@@ -3,10 +3,10 @@ import pytest
 import torch
 from torch import nn
 
-from ltrepro.config import AugmentConfig
+from ltrepro.config import AugmentConfig, StageConfig
 from ltrepro.data.base import Split
 from ltrepro.data.loader import DeviceLoader, fixed_seed_generator
-from ltrepro.stages import FrozenBackbone, PairedLoader
+from ltrepro.stages import FrozenBackbone, PairedLoader, stage_fcc_factors
 
 
 def backbone() -> nn.Module:
@@ -51,3 +51,15 @@ def test_paired_loader_streams_are_balanced_and_instance_sampled():
     assert np.allclose(fusing_share, [0.9, 0.09, 0.01], atol=1e-9)  # fusing: every image once an epoch
     again = [y for _, y in paired.epoch(0, fixed_seed_generator(0, 0))]
     assert all(torch.equal(a, b) for a, b in zip(again, fused_labels[:4], strict=True))
+
+
+def test_fcc_factors_follow_frequency_rank_unless_by_index():
+    """FC2: on counts [50, 1, 2500] the head is class 2; by index (the released code) class 0 gets 1 + gamma.
+    gamma 0.6, C 3: tau_k = round(1.6 - 0.2 k, 2) = [1.6, 1.4, 1.2] for rank k."""
+    counts = [50, 1, 2500]
+    by_rank = stage_fcc_factors(StageConfig(fcc=0.6), counts)
+    by_index = stage_fcc_factors(StageConfig(fcc=0.6, fcc_by_index=True), counts)
+    assert torch.allclose(by_rank, torch.tensor([1.4, 1.2, 1.6]))
+    assert torch.allclose(by_index, torch.tensor([1.6, 1.4, 1.2]))
+    assert torch.equal(stage_fcc_factors(StageConfig(fcc=0.6, fcc_by_index=True), [2500, 50, 1]),
+                       stage_fcc_factors(StageConfig(fcc=0.6), [2500, 50, 1]))  # sorted ids: the same table

@@ -201,7 +201,7 @@ def build(layout: CifarLayout, cfg: DataConfig, seed: int) -> LTData:
     class_names = read_class_names(directory, layout)
     train_idx, val_idx, info = lt_split(
         pool.labels, layout.num_classes, cfg.n_max, cfg.imbalance, cfg.val_per_class, seed, cfg.reserve,
-        split=cfg.split, split_seed=cfg.split_seed,
+        split=cfg.split, split_seed=cfg.split_seed, class_order_seed=cfg.class_order_seed,
     )
     info.update(index_hash=index_hash(train_idx, val_idx), source=str(directory))
     return LTData(

@@ -187,7 +187,7 @@ def on_disk(
 
 
 def build_imagenet_lt(cfg: DataConfig, seed: int) -> LTData:
-    refuse_split("imagenet_lt", cfg.split, cfg.split_seed)
+    refuse_split("imagenet_lt", cfg)
     directory = Path(cfg.path) if cfg.path else Path(cfg.root) / "imagenet_lt"
     train, val, test = (read_checked(directory, f"ImageNet_LT_{s}", IMAGENET_LT_HINT) for s in ("train", "val", "test"))
     num_classes = resolve_num_classes([train, val, test])
@@ -202,7 +202,7 @@ def build_imagenet_lt(cfg: DataConfig, seed: int) -> LTData:
 
 
 def build_inat18(cfg: DataConfig, seed: int) -> LTData:
-    refuse_split("inat18", cfg.split, cfg.split_seed)
+    refuse_split("inat18", cfg)
     directory = Path(cfg.path) if cfg.path else Path(cfg.root) / "inat18"
     train = read_checked(directory, "iNaturalist18_train", INAT18_HINT)
     test = read_checked(directory, "iNaturalist18_val", INAT18_HINT)
@@ -264,13 +264,13 @@ def build_imagefolder_lt(cfg: DataConfig, seed: int) -> LTData:
         try:
             train_idx, val_idx, info = lt_split(
                 pool.labels, len(class_names), cfg.n_max or max(sizes), cfg.imbalance, val_per_class, seed, cfg.reserve,
-                split=cfg.split, split_seed=cfg.split_seed,
+                split=cfg.split, split_seed=cfg.split_seed, class_order_seed=cfg.class_order_seed,
             )
         except LtreproError as exc:
             raise LtreproError(f"{folder / 'train'}: {exc} (classes in sorted folder order)") from None
         info["val_source"] = "spare train/ images the LT draw left over"
     else:
-        refuse_split("imagefolder_lt", cfg.split, cfg.split_seed, why="with data.imbalance=1 uses train/ as it is")
+        refuse_split("imagefolder_lt", cfg, why="with data.imbalance=1 uses train/ as it is")
         if val_folder is not None:
             train_idx, val_idx = np.arange(len(pool)), np.zeros(0, dtype=np.int64)
         else:

@@ -153,7 +153,7 @@ def build(cfg: DataConfig, seed: int) -> LTData:
     pool = Split(labels, torch.from_numpy(arrays["train_images"].copy()).unsqueeze(1))
     train_idx, val_idx, info = lt_split(
         labels, 10, cfg.n_max, cfg.imbalance, cfg.val_per_class, seed, cfg.reserve,
-        split=cfg.split, split_seed=cfg.split_seed,
+        split=cfg.split, split_seed=cfg.split_seed, class_order_seed=cfg.class_order_seed,
     )
     test = Split(arrays["test_labels"], torch.from_numpy(arrays["test_images"].copy()).unsqueeze(1))
     info.update(index_hash=index_hash(train_idx, val_idx), source=str(raw_dir(cfg.path or cfg.root)))

@@ -16,21 +16,44 @@ The profile follows the LDAM-DRW lineage (Cao et al., NeurIPS'19, and its code's
 
 The split seed is ``data.split_seed``, or the run seed when that is null. With the reference's
 seed and no reserved validation images each draw reproduces its reference code's subset exactly.
+
+Which class gets which count, ``data.class_order_seed``: null keeps the profile in label order
+(class 0 the head, class C-1 the tail), as every reference does, so frequency rank equals class
+index. An integer s deals the counts out in the order of ``RandomState(s).permutation(C)``: class c
+gets the ``perm[c]``-th largest count. Code that confuses the class index with the frequency rank
+(the released FFN's KPS margins, FCC's factors) then gives a different result, which a sorted
+profile hides.
 """
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ltrepro.errors import LtreproError
 
+if TYPE_CHECKING:
+    from ltrepro.config import DataConfig
 
-def lt_counts(n_max: int, imbalance: float, num_classes: int) -> list[int]:
-    """Per-class counts of the exponential profile n_c = floor(n_max * (1/IF)^(c/(C-1)))."""
+
+def lt_counts(n_max: int, imbalance: float, num_classes: int, class_order_seed: int | None = None) -> list[int]:
+    """Per-class counts of the exponential profile n_k = floor(n_max * (1/IF)^(k/(C-1))) of rank k:
+    class c has rank c, or ``perm[c]`` of ``RandomState(class_order_seed).permutation(C)``."""
     if num_classes == 1:
         return [int(n_max)]
-    return [int(n_max * (1.0 / imbalance) ** (c / (num_classes - 1.0))) for c in range(num_classes)]
+    profile = [int(n_max * (1.0 / imbalance) ** (k / (num_classes - 1.0))) for k in range(num_classes)]
+    if class_order_seed is None:
+        return profile
+    return [profile[k] for k in np.random.RandomState(class_order_seed).permutation(num_classes)]
+
+
+def draw_seed(split: str, split_seed: int | None, seed: int) -> int | None:
+    """The seed the LT draw uses: ``split_seed``, or the run seed when null; None for first_n, which
+    draws nothing at random."""
+    if split == "first_n":
+        return None
+    return seed if split_seed is None else split_seed
 
 
 def class_indices(labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
@@ -82,19 +105,21 @@ def check_split(split: str) -> None:
         raise LtreproError(f"data.split: got {split!r}, expected one of {', '.join(map(repr, SPLITS))}")
 
 
-def refuse_split(dataset: str, split: str, split_seed: int | None, why: str = "is long-tailed as released") -> None:
-    """Fail when a dataset that draws no LT subset is given a draw: data.split / data.split_seed
-    would otherwise be ignored without a word."""
-    if split != "ldam":
-        key = f"data.split={split}"
-    elif split_seed is not None:
-        key = f"data.split_seed={split_seed}"
+def refuse_split(dataset: str, cfg: "DataConfig", why: str = "is long-tailed as released") -> None:
+    """Fail when a dataset that draws no LT subset is given a draw: data.split / data.split_seed /
+    data.class_order_seed would otherwise be ignored without a word."""
+    if cfg.split != "ldam":
+        key = f"data.split={cfg.split}"
+    elif cfg.split_seed is not None:
+        key = f"data.split_seed={cfg.split_seed}"
+    elif cfg.class_order_seed is not None:
+        key = f"data.class_order_seed={cfg.class_order_seed}"
     else:
         return
     raise LtreproError(
-        f"{key}: {dataset} {why}, so it has no LT subset to draw; data.split and data.split_seed apply only "
-        f"to datasets drawn from a balanced pool (fmnist_lt, cifar10_lt, cifar100_lt, imagefolder_lt with "
-        f"data.imbalance > 1); leave data.split=ldam and data.split_seed=null"
+        f"{key}: {dataset} {why}, so it has no LT subset to draw; data.split, data.split_seed and "
+        f"data.class_order_seed apply only to datasets drawn from a balanced pool (fmnist_lt, cifar10_lt, "
+        f"cifar100_lt, imagefolder_lt with data.imbalance > 1); leave data.split=ldam and the seeds null"
     )
 
 
@@ -108,36 +133,38 @@ def lt_split(
     reserve: bool = False,
     split: str = "ldam",
     split_seed: int | None = None,
+    class_order_seed: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Draw the LT training subset and a validation split from one balanced training pool.
 
-    ``split`` chooses the draw (module docstring) and ``split_seed`` seeds it (None: ``seed``).
+    ``split`` chooses the draw (module docstring) and ``split_seed`` seeds it (None: ``seed``);
+    ``class_order_seed`` deals the profile's counts to the classes in a shuffled order.
     Without ``reserve`` the LT subset is drawn first (the reference draw) and validation takes up to
     ``val_per_class`` of the images each class has left over; head classes of CIFAR may have none.
     With ``reserve`` validation is held out of every class first and n_max shrinks to what is left.
     Validation is always drawn with RandomState(seed + 1) of the run seed. Returns (train indices,
-    val indices, info) with the counts that a run logs, the split and the resolved split seed
-    (None for first_n, which draws nothing at random).
+    val indices, info) with the counts that a run logs, the split, the resolved split seed
+    (None for first_n, which draws nothing at random) and the class order seed.
     """
     check_split(split)
     pool = class_indices(labels, num_classes)
     available = [len(p) for p in pool]
     if min(available) == 0:
         raise LtreproError(f"class {available.index(0)} has no training images in the pool")
-    draw_seed = seed if split_seed is None else split_seed
-    rng = np.random.RandomState(draw_seed)
+    rng = np.random.RandomState(draw_seed("ldam", split_seed, seed))
     val_rng = np.random.RandomState(seed + 1)
     info: dict = {
         "n_max_requested": int(n_max),
         "imbalance": float(imbalance),
         "reserve": reserve,
         "split": split,
-        "split_seed": None if split == "first_n" else int(draw_seed),
+        "split_seed": draw_seed(split, split_seed, seed),
+        "class_order_seed": class_order_seed,
     }
     if reserve:
         val_parts, pool = draw_per_class(pool, [min(val_per_class, a - 1) for a in available], val_rng)
         n_max = min(n_max, max(len(p) for p in pool))
-    counts = lt_counts(n_max, imbalance, num_classes)
+    counts = lt_counts(n_max, imbalance, num_classes, class_order_seed)
     short = [c for c, (n, p) in enumerate(zip(counts, pool)) if n > len(p)]
     if short:
         c = short[0]

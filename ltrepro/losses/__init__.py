@@ -147,16 +147,19 @@ def kps(
     s: float = 15.0,
     ga_epoch: int | None = 120,
     ga_max: float = 50.0,
+    mirror: str = "rank",
 ) -> LossModule:
     """KPS, FFN stage 1 (docs/methods/losses.md#kps): s = 15, GA from epoch 120 (0-based), scales in [s, 50].
 
-    max_m = 0.5 is FFN's CIFAR-100 value (0.2 CIFAR-10, 0.35 ImageNet-LT).
+    max_m = 0.5 is FFN's CIFAR-100 value (0.2 CIFAR-10, 0.35 ImageNet-LT). ``mirror``: ``rank`` pairs
+    head and tail by frequency rank; ``index`` by reversed class index, as the released code (L1).
     """
     if ga_max < s:
         raise LtreproError(f"loss 'kps': bad value {ga_max!r} for parameter 'ga_max'; allowed: a number >= s ({s})")
     counts = LF.as_counts(class_counts)
-    sensitivity, margins = LF.kps_sensitivity(counts), LF.kps_margins(counts, max_m)
-    return KPS(sensitivity, margins, LF.kps_ga_scales(counts, s, ga_max), s, ga_epoch)
+    pairing = LF.index_mirror(len(counts)) if mirror == "index" else LF.frequency_mirror(counts)
+    sensitivity, margins = LF.kps_sensitivity(counts), LF.kps_margins(counts, max_m, pairing)
+    return KPS(sensitivity, margins, LF.kps_ga_scales(counts, s, ga_max, pairing), s, ga_epoch)
 
 
 @LOSSES.register("las")
@@ -207,6 +210,7 @@ PARAMETER_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "ga_max": (lambda v: _real(v) and v > 0, "a number > 0"),
     "smooth_head": (_fraction, "a number in [0, 1]"),
     "smooth_tail": (_fraction, "a number in [0, 1]"),
+    "mirror": (lambda v: v in ("rank", "index"), "'rank' (frequency rank) or 'index' (the released code's reversed class index)"),
 }
 
 

@@ -98,21 +98,29 @@ def frequency_mirror(counts: torch.Tensor) -> torch.Tensor:
     return mirror
 
 
-def kps_margins(counts: torch.Tensor, max_m: float) -> torch.Tensor:
+def index_mirror(num_classes: int) -> torch.Tensor:
+    """mirror[j] = C-1-j: the released FFN code's pairing by reversed class index (L1 / FFN's F5),
+    equal to ``frequency_mirror`` only when ids are sorted by count."""
+    return torch.arange(num_classes - 1, -1, -1)
+
+
+def kps_margins(counts: torch.Tensor, max_m: float, mirror: torch.Tensor | None = None) -> torch.Tensor:
     """KPS margins m_j = max_m * s_{mirror(j)} / max_k s_k: the tail gets the head's large s.
 
-    Li, Cheung, Hu, TPAMI'23; docs/methods/losses.md#kps.
+    Li, Cheung, Hu, TPAMI'23; docs/methods/losses.md#kps. ``mirror`` defaults to ``frequency_mirror``.
     """
     sensitivity = kps_sensitivity(counts)
-    return max_m * sensitivity[frequency_mirror(counts)] / sensitivity.max()
+    mirror = frequency_mirror(counts) if mirror is None else mirror
+    return max_m * sensitivity[mirror] / sensitivity.max()
 
 
-def kps_ga_scales(counts: torch.Tensor, s: float, ga_max: float) -> torch.Tensor:
+def kps_ga_scales(counts: torch.Tensor, s: float, ga_max: float, mirror: torch.Tensor | None = None) -> torch.Tensor:
     """Per-class "gradient adjustment" scales clamp(s * s_{mirror(c)}, s, ga_max) (docs/methods/losses.md#kps).
 
     A sample of class y uses entry y once GA is on: s for the head class, up to ga_max for the tail.
     """
-    return torch.clamp(s * kps_sensitivity(counts)[frequency_mirror(counts)], s, ga_max)
+    mirror = frequency_mirror(counts) if mirror is None else mirror
+    return torch.clamp(s * kps_sensitivity(counts)[mirror], s, ga_max)
 
 
 def kps_loss(

@@ -17,7 +17,7 @@ from ltrepro.methods import Method, Stage, Tunable, register
 from ltrepro.objectives import Objective
 from ltrepro.rebuild import load_input
 from ltrepro.stages import (
-    REPRESENTATION_READS, StagePlan, feature_scaling, head_param_groups, make_plan, probe_model, representation_stage,
+    FCC_FIELDS, REPRESENTATION_READS, StagePlan, feature_scaling, head_param_groups, make_plan, probe_model, representation_stage,
     stage_loss, train_loader,
 )  # fmt: skip
 
@@ -41,7 +41,7 @@ def with_loss(loss: str, params: Callable[[Config], dict] = lambda cfg: {}) -> C
 
 # What a one-backbone classifier stage reads of stage2 beyond its plan fields.
 PROBE_READS = tuple(
-    f"stage2.{name}" for name in ("loss", "loss_params", "head", "init", "bn", "mixup_alpha", "sampler", "fcc", "fcc_start_epoch")
+    f"stage2.{name}" for name in ("loss", "loss_params", "head", "init", "bn", "mixup_alpha", "sampler", *FCC_FIELDS)
 )
 
 

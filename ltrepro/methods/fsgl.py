@@ -23,13 +23,13 @@ from torch import nn
 from ltrepro.config import Config, bounded, register_block
 from ltrepro.data import LTData
 from ltrepro.data.loader import make_loader
-from ltrepro.features import class_ranks, cutmix_box, fcc_factors, fcc_scale, paste_box
+from ltrepro.features import cutmix_box, fcc_scale, paste_box
 from ltrepro.losses import functional as LF
 from ltrepro.methods import Method, Stage, Tunable, register
 from ltrepro.methods.baselines import PROBE_READS, probe_stage
 from ltrepro.methods.h2t import CLASSIFIER_READS, RHO, h2t_stage
 from ltrepro.models.network import Classifier
-from ltrepro.stages import PairedLoader, StagePlan, build_model, make_plan
+from ltrepro.stages import PairedLoader, StagePlan, build_model, make_plan, stage_fcc_factors
 
 
 @dataclass
@@ -145,8 +145,8 @@ def fsgl_stage(cfg: Config, data: LTData, inputs: dict[str, Path], device: torch
     stage, fsgl, counts = cfg.stage1, cfg.fsgl, data.train_counts.tolist()
     base = build_model(cfg, data)
     model = FSGLNetwork(base.backbone, base.feature_dim, data.num_classes, fsgl.projection_dim).to(device)
-    # FSM factors by frequency rank (FS5: the reference uses the class index, right only on CIFAR-LT)
-    factors = fcc_factors(data.num_classes, stage.fcc, class_ranks(counts)) if stage.fcc > 0 else None
+    # FSM factors by frequency rank (FS5: the reference uses the class index; stage1.fcc_by_index)
+    factors = stage_fcc_factors(stage, counts) if stage.fcc > 0 else None
     objective = FSGLObjective(fsgl, factors, LF.power_class_weights(counts, fsgl.label_weighting), stage.epochs, data.num_classes)
 
     def views_loader(**sampling):
@@ -156,7 +156,7 @@ def fsgl_stage(cfg: Config, data: LTData, inputs: dict[str, Path], device: torch
     return make_plan(stage, model, objective, loader)
 
 
-FSGL_READS = ("stage1.fcc", "fsgl")
+FSGL_READS = ("stage1.fcc", "stage1.fcc_by_index", "fsgl")
 STAGE = Stage("stage1", "stage1", fsgl_stage, reads=FSGL_READS)
 TUNABLES = (Tunable("stage1.fcc", 0.05, 2.0, log=True), Tunable("stage1.sam.rho", 0.01, 0.5, log=True),
             Tunable("fsgl.contrast_weight", 0.5, 10.0, log=True))  # fmt: skip

@@ -268,7 +268,7 @@ def test_registered_specs():
     assert np.array_equal([DATASETS.get("cifar10_lt").n_max, DATASETS.get("cifar100_lt").n_max], [5000, 500])
 
 
-AS_RELEASED = r"data.split and data.split_seed apply only to datasets drawn from a balanced pool"
+AS_RELEASED = r"data.split, data.split_seed and data.class_order_seed apply only to datasets drawn from a balanced pool"
 
 
 @pytest.mark.parametrize("fmt", ["txt", "json"])
@@ -280,6 +280,8 @@ def test_imagenet_lt_refuses_a_subset_draw(tmp_path, fmt, split):
         build(config(tmp_path, "imagenet_lt", split=split))
     with pytest.raises(LtreproError, match=r"data.split_seed=3407: imagenet_lt is long-tailed as released"):
         build(config(tmp_path, "imagenet_lt", split_seed=3407))
+    with pytest.raises(LtreproError, match=r"data.class_order_seed=1: imagenet_lt is long-tailed as released"):
+        build(config(tmp_path, "imagenet_lt", class_order_seed=1))
     assert build(config(tmp_path, "imagenet_lt", split="ldam")).info["train_counts"][:3] == [5, 3, 1]
 
 

@@ -20,6 +20,20 @@ def test_lt_counts_match_the_published_totals():
     assert lt_counts(7, 10, 1) == [7]
 
 
+def test_a_class_order_seed_deals_the_same_counts_to_shuffled_classes():
+    profile = lt_counts(500, 100, 10)
+    shuffled = lt_counts(500, 100, 10, class_order_seed=1)
+    perm = np.random.RandomState(1).permutation(10)
+    assert shuffled == [profile[k] for k in perm] and sorted(shuffled) == sorted(profile)
+    assert shuffled != profile and shuffled[0] != 500  # class 0 is no longer the head
+    assert lt_counts(500, 100, 10, class_order_seed=None) == profile
+    labels = balanced_labels(40, 5)
+    train_idx, _, info = lt_split(labels, 5, 30, 10, 5, seed=0, class_order_seed=2)
+    expected = lt_counts(30, 10, 5, class_order_seed=2)
+    assert info["train_counts"] == expected == np.bincount(labels[train_idx], minlength=5).tolist()
+    assert info["class_order_seed"] == 2 and lt_split(labels, 5, 30, 10, 5, seed=0)[2]["class_order_seed"] is None
+
+
 def test_lt_split_reproduces_the_reference_draw():
     labels = balanced_labels(30, 5)
     counts = lt_counts(30, 10, 5)
