@@ -189,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--baseline", metavar="METHOD",
                         help="also the paired difference of each method from METHOD over the seeds (mean, 95%% t interval)")
 
+    archive = commands.add_parser(
+        "archive", help="finished stage runs as plain files (no checkpoints) and back, so results outlive a store"
+    ).add_subparsers(dest="archive_command", required=True)
+    for name, text in (("export", "write each finished stage run of the store not yet in DIR"),
+                       ("import", "recreate each run archived in DIR not yet in the store, with its original times")):  # fmt: skip
+        action = archive.add_parser(name, help=text)
+        add_config_arguments(action)
+        action.add_argument("dir", type=Path, metavar="DIR")
+
     bench = commands.add_parser("bench", help="benchmarks; results are written to files")
     benchmarks = bench.add_subparsers(dest="bench_command", required=True)
     loader = benchmarks.add_parser("loader", help="img/s of a training epoch: device-resident loader vs torchvision DataLoader")
@@ -417,6 +426,14 @@ def command_report(args: argparse.Namespace) -> None:
         args.out.write_text(table)
 
 
+def command_archive(args: argparse.Namespace) -> None:
+    from ltrepro.archive import export_runs, import_runs
+
+    run = export_runs if args.archive_command == "export" else import_runs
+    done = run(project_root(args), args.dir)
+    print(f"{len(done)} run(s) {args.archive_command}ed ({args.dir})")
+
+
 def command_bench(args: argparse.Namespace) -> None:
     if args.bench_command == "serve":
         command_bench_serve(args)
@@ -470,6 +487,7 @@ COMMANDS = {
     "methods": command_methods,
     "evaluate": command_evaluate,
     "report": command_report,
+    "archive": command_archive,
     "bench": command_bench,
 }
 

@@ -22,21 +22,7 @@ from matplotlib.figure import Figure
 
 from ltrepro.evaluate import save_figure
 from ltrepro.report import finished
-
-
-def run_files(run_id: str, paths: list[str], folder: Path) -> dict[str, Path]:
-    """The run's artifacts at ``paths`` (those it has), copied into ``folder``."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    found = {}
-    for path in paths:
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(folder / run_id)))
-        except (MlflowException, OSError):  # an artifact the run never logged
-            continue
-        found[path] = local
-    return found
+from ltrepro.tracking import run_files
 
 
 def per_class_figure(evaluations: dict[str, list[dict]], path: Path) -> Path:

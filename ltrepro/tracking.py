@@ -76,6 +76,22 @@ def open_store(root: Path, experiment: str | None = None) -> str:
     return uri
 
 
+def run_files(run_id: str, paths: list[str], folder: Path) -> dict[str, Path]:
+    """The run's artifacts at ``paths`` (those it has), downloaded to ``folder/<run id>/<path>``."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    found = {}
+    for path in paths:
+        try:
+            # MLflow downloads a file by its name alone: its folder in the run is kept by naming it here
+            local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(folder / run_id / Path(path).parent)))
+        except (MlflowException, OSError):  # an artifact the run never logged
+            continue
+        found[path] = local
+    return found
+
+
 def ui_command(root: Path) -> str:
     """The command that opens the MLflow UI on this project's store."""
     return f"mlflow ui --backend-store-uri {tracking_uri(root)}"
