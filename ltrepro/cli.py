@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "best epoch on test and the last epoch")
     report.add_argument("--html", type=Path, metavar="OUT",
                         help="also write a static results page to OUT/index.html (figures as PNG), logged as a report-... MLflow run")
+    report.add_argument("--spread", metavar="KEY",
+                        help="a --grid key (e.g. data.split_seed): each method's spread across its values with the seed "
+                             "fixed against its spread across seeds with the value fixed")  # fmt: skip
     report.add_argument("--baseline", metavar="METHOD",
                         help="also the paired difference of each method from METHOD over the seeds (mean, 95%% t interval)")
 
@@ -402,7 +405,9 @@ def command_evaluate(args: argparse.Namespace) -> None:
 
 def command_report(args: argparse.Namespace) -> None:
     from ltrepro.config import load_config
-    from ltrepro.report import audited_figures, collect, markdown_table, optimism_table, paired_table, parse_grid
+    from ltrepro.report import (
+        audited_figures, collect, markdown_table, optimism_table, paired_table, parse_grid, spread_groups, spread_table,
+    )  # fmt: skip
 
     grid = parse_grid(args.grid)
     methods = [*args.methods, *([args.baseline] if args.baseline and args.baseline not in args.methods else [])]
@@ -414,11 +419,14 @@ def command_report(args: argparse.Namespace) -> None:
     audited = audited_figures(results) if args.optimism else None
     if audited is not None:
         tables.append(("Test-selection optimism", optimism_table(audited)))
+    spread = (args.spread, spread_groups(results, methods, grid, args.spread)) if args.spread else None
+    if spread is not None:
+        tables.append((f"Spread across {args.spread} and across seeds (test top-1)", spread_table(spread[1], args.spread)))
     table = "\n".join(markdown for _, markdown in tables)
     if args.html:
         from ltrepro.report_page import log_page, write_page
 
-        page = write_page(args.html, results, tables, args.command_line, args.seeds, audited)
+        page = write_page(args.html, results, tables, args.command_line, args.seeds, audited, spread)
         run_id = log_page(project_root(args), load_config(config_files(args), overrides).experiment, args.html)
         print(f"results page: {page} (MLflow run {run_id})")
     print(table)

@@ -74,6 +74,11 @@ def up_to(plan: list, stage: str | None, method: str) -> list:
     return plan[: names.index(stage) + 1]
 
 
+def row_label(method: str, settings: list[str]) -> str:
+    """A report row: the method at one grid point, 'ffn, data.imbalance=10'."""
+    return ", ".join([method, *settings])
+
+
 def collect(
     paths: list[Path] | None, root: Path, methods: list[str], seeds: list[int], overrides: list[str],
     grid: dict[str, list[str]] | None = None, stage: str | None = None,
@@ -87,7 +92,7 @@ def collect(
     for point in itertools.product(*grid.values()):
         settings = [f"{key}={value}" for key, value in zip(grid, point)]
         for method in methods:
-            row = ", ".join([method, *settings])
+            row = row_label(method, settings)
             results[row] = {}
             for seed in seeds:
                 cfg = resolve(load_config(paths, [*overrides, *settings, f"method={method}", f"seed={seed}"]))
@@ -219,4 +224,46 @@ def markdown_table(results: dict) -> str:
         missing = [s for s, m in by_seed.items() if m is None]
         seeds = ",".join(map(str, done)) + (f" (missing {','.join(map(str, missing))})" if missing else "")
         rows.append(f"| {method} | {seeds} | " + " | ".join(cells) + " |")
+    return header + "\n".join(rows) + "\n"
+
+
+def spread_groups(results: dict, methods: list[str], grid: dict[str, list[str]], key: str) -> dict[str, dict[str, dict]]:
+    """``collect``'s rows regrouped for ``spread_table``: {the method at a point of the other grid
+    keys: {each value of ``key``: its row's {seed: metrics or None}}}."""
+    if key not in grid:
+        raise LtreproError(f"--spread {key}: not a --grid key (the grid has {', '.join(grid) or 'none'})")
+    others = {name: values for name, values in grid.items() if name != key}
+    groups = {}
+    for point in itertools.product(*others.values()):
+        fixed = dict(zip(others, point))
+        for method in methods:
+            groups[row_label(method, [f"{name}={value}" for name, value in fixed.items()])] = {
+                value: results[row_label(method, [f"{name}={fixed.get(name, value)}" for name in grid])] for value in grid[key]
+            }
+    return groups
+
+
+def spread_matrix(by_value: dict[str, dict], column: str = "test_top1") -> tuple[np.ndarray, list[int]]:
+    """(values x seeds array of ``column``, the seeds): the seeds finished at every value of the key."""
+    seeds = [seed for seed in next(iter(by_value.values())) if all(by_seed.get(seed) is not None for by_seed in by_value.values())]
+    return np.array([[by_seed[seed][column] for seed in seeds] for by_seed in by_value.values()], dtype=float), seeds
+
+
+def spread_table(groups: dict[str, dict[str, dict]], key: str) -> str:
+    """Per group, test top-1 at each value of ``key`` (mean over seeds) and two spreads over the seeds
+    finished at every value: across the key's values with the seed fixed, and across seeds with the
+    value fixed, each a pooled sd (root of the mean of the per-seed, resp. per-value, variances,
+    ddof 1); and the range of all cells. With ``key`` = ``data.split_seed`` the seed fixes the
+    initialisation and the validation draw, the key the LT draw."""
+    header = (f"| method | {key} | seeds | top-1 at each value | sd across {key} (same seed) | sd across seeds "
+              f"(same {key}) | range of cells |\n|---|---|---|---|---|---|---|\n")  # fmt: skip
+    rows = []
+    for group, by_value in groups.items():
+        matrix, seeds = spread_matrix(by_value)
+        enough = len(seeds) > 1 and len(by_value) > 1
+        across_key = f"{np.sqrt(matrix.var(axis=0, ddof=1).mean()):.2f}" if enough else "-"
+        across_seeds = f"{np.sqrt(matrix.var(axis=1, ddof=1).mean()):.2f}" if enough else "-"
+        means = " / ".join(f"{value:.2f}" for value in matrix.mean(axis=1)) if seeds else "-"
+        spread = f"{matrix.max() - matrix.min():.2f}" if seeds else "-"
+        rows.append(f"| {group} | {', '.join(by_value)} | {','.join(map(str, seeds)) or '-'} | {means} | {across_key} | {across_seeds} | {spread} |")
     return header + "\n".join(rows) + "\n"

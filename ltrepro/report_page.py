@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ltrepro.evaluate import save_figure
-from ltrepro.report import finished
+from ltrepro.report import finished, spread_matrix
 from ltrepro.tracking import run_files
 
 
@@ -60,6 +60,22 @@ def optimism_figure(optimism: dict[str, list[tuple[float, ...]]], path: Path) ->
     return save_figure(fig, path)
 
 
+def spread_figure(key: str, groups: dict[str, dict[str, dict]], path: Path) -> Path:
+    """Test top-1 at each value of ``key`` (x), one line per seed, one panel per group
+    (``report.spread_groups``): lines that cross show the split and the seed interacting, parallel
+    lines a split that is easier for every seed."""
+    fig = Figure(figsize=(min(4 * len(groups), 12), 3.5), layout="constrained")
+    for index, (group, by_value) in enumerate(groups.items()):
+        ax = fig.add_subplot(1, len(groups), index + 1)
+        matrix, seeds = spread_matrix(by_value)
+        for column, seed in enumerate(seeds):
+            ax.plot(range(len(by_value)), matrix[:, column], marker="o", label=f"seed {seed}")
+        ax.set_xticks(range(len(by_value)), list(by_value))
+        ax.set(title=group, xlabel=key, ylabel="test top-1 (%)")
+        ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
 def markdown_to_html(table: str) -> str:
     """A markdown pipe table (``ltrepro.report``'s) as an HTML table."""
     lines = [line.strip().strip("|") for line in table.strip().splitlines() if line.strip()]
@@ -85,10 +101,11 @@ def hardware_line(results: dict) -> str:
 
 def write_page(
     out: Path, results: dict, tables: list[tuple[str, str]], command: str, seeds: list[int],
-    audited: dict | None = None,
+    audited: dict | None = None, spread: tuple[str, dict] | None = None,
 ) -> Path:  # fmt: skip
     """Write ``out/index.html`` and its figures; ``tables`` are (title, markdown) pairs, shown first;
-    ``audited`` (``report.audited_figures``) adds the optimism figure."""
+    ``audited`` (``report.audited_figures``) adds the optimism figure, ``spread`` (the key and its
+    ``report.spread_groups``) the spread figure."""
     out.mkdir(parents=True, exist_ok=True)
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # one bar per file downloaded is noise
     downloads = out / "runs"
@@ -119,6 +136,9 @@ def write_page(
     if optimism:
         figure = optimism_figure(optimism, out / "optimism.png")
         parts.append(f"<h2>Test-selection optimism (audited runs)</h2><img src='{figure.name}' alt='optimism'>{meta}")
+    if spread is not None:
+        figure = spread_figure(*spread, out / "spread.png")
+        parts.append(f"<h2>Spread across {html.escape(spread[0])} and across seeds</h2><img src='{figure.name}' alt='spread'>{meta}")
     page = out / "index.html"
     page.write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>ltrepro results</title><style>"

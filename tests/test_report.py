@@ -1,11 +1,12 @@
-"""ltrepro.report: paired differences against a baseline with t intervals, and the test-selection
-optimism (hand values)."""
+"""ltrepro.report: paired differences against a baseline with t intervals, the test-selection
+optimism and the spread across a grid key against the spread across seeds (hand values)."""
 import math
 
 import numpy as np
 import pytest
 
-from ltrepro.report import COLUMNS, baseline_row, optimism_figures, paired_table, t_interval
+from ltrepro.errors import LtreproError
+from ltrepro.report import COLUMNS, baseline_row, optimism_figures, paired_table, spread_groups, spread_table, t_interval
 
 T_975_2DF = 4.302652729911275  # Student t, 97.5 % quantile, 2 degrees of freedom
 
@@ -46,3 +47,22 @@ def test_the_baseline_row_is_taken_at_the_same_grid_point():
 def test_optimism_is_the_best_test_epoch_and_the_last_one_against_the_validation_selected_read():
     # selected on validation: 71.0; the test curve peaks at 72.5 (epoch 2) and ends at 70.0
     assert optimism_figures(71.0, [60.0, 71.0, 72.5, 70.0]) == (71.0, 72.5, 1.5, 70.0, -1.0)
+
+
+def test_spread_across_split_seeds_against_spread_across_init_seeds():
+    # top-1 of split seed p (rows) and init seed s (columns): 70 + 2p + s, seed 2 missing at p = 1
+    grid = {"data.split_seed": ["0", "1", "2"], "data.imbalance": ["100"]}
+    results = {
+        f"ce, data.split_seed={p}, data.imbalance=100": {s: metrics(70.0 + 2 * p + s, 50.0) for s in range(3)}
+        for p in range(3)
+    }
+    results["ce, data.split_seed=1, data.imbalance=100"][2] = None
+    groups = spread_groups(results, ["ce"], grid, "data.split_seed")
+    assert list(groups) == ["ce, data.imbalance=100"] and list(groups["ce, data.imbalance=100"]) == ["0", "1", "2"]
+    cells = [cell.strip() for cell in spread_table(groups, "data.split_seed").splitlines()[2].strip("|").split("|")]
+    # seeds 0, 1 finished at every split seed: rows (70, 71), (72, 73), (74, 75)
+    # across split seeds, seed fixed: var of (70, 72, 74) = 4 at each seed -> 2.00
+    # across seeds, split fixed: var of (70, 71) = 0.5 at each split -> sqrt(0.5) = 0.71
+    assert cells == ["ce, data.imbalance=100", "0, 1, 2", "0,1", "70.50 / 72.50 / 74.50", "2.00", "0.71", "5.00"]
+    with pytest.raises(LtreproError, match=r"--spread data.split: not a --grid key \(the grid has data.split_seed, data.imbalance\)"):
+        spread_groups(results, ["ce"], grid, "data.split")

@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib import image
 
 from ltrepro.cli import main
-from ltrepro.report_page import markdown_to_html, safe
+from ltrepro.report_page import markdown_to_html, safe, spread_figure
 from ltrepro.runner import train
 
 FAST = ["stage1.epochs=2", "stage1.batch_size=16", "stage2.epochs=2", "stage2.batch_size=16"]
@@ -22,6 +22,13 @@ def test_markdown_tables_become_html_tables_and_row_labels_file_names():
         "<tr><td>crt</td><td>78.68 ± 1.89</td></tr><tr><td>a&lt;b</td><td>-</td></tr></tbody></table>"
     )
     assert safe("crt, data.imbalance=10") == "crt_data.imbalance_10"
+
+
+def test_the_spread_figure_draws_a_line_per_seed(tmp_path):
+    by_value = {value: {seed: {"test_top1": 70.0 + 2 * int(value) + seed} for seed in range(3)} for value in "012"}
+    path = spread_figure("data.split_seed", {"ce": by_value, "bs": by_value}, tmp_path / "spread.png")
+    pixels = image.imread(path)
+    assert pixels.shape[1] > pixels.shape[0] > 100 and np.std(pixels) > 0.01  # two panels side by side, not blank
 
 
 def test_html_page_shows_the_runs_every_image_exists_is_not_blank_and_is_logged(project, capsys):
