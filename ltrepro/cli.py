@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "best epoch on test and the last epoch")
     report.add_argument("--html", type=Path, metavar="OUT",
                         help="also write a static results page to OUT/index.html (figures as PNG), logged as a report-... MLflow run")
+    report.add_argument("--defects", action="store_true",
+                        help="the reference-code defects table: for each behaviour of the released code the methods declare "
+                             "(`ltrepro methods`), its flag's paired difference from ltrepro's default")  # fmt: skip
     report.add_argument("--spread", metavar="KEY",
                         help="a --grid key (e.g. data.split_seed): each method's spread across its values with the seed "
                              "fixed against its spread across seeds with the value fixed")  # fmt: skip
@@ -387,6 +390,9 @@ def command_methods(args: argparse.Namespace) -> None:
         print(f"{method['name']:<11} {method['summary']}\n{'':<11} stages: {stages}\n{'':<11} tunable: {tunables}")
         for s in method["stages"]:
             print(f"{'':<11} {s['name']} reads: {s['config']} plan fields, data, model, seed, {', '.join(s['reads']) or '-'}")
+        for r in method["reference"]:
+            flag = "the audit (selection on test)" if r["optimism"] else " ".join(r["overrides"])
+            print(f"{'':<11} released code {r['label']}: {r['what']} ({flag})")
 
 
 def command_evaluate(args: argparse.Namespace) -> None:
@@ -406,7 +412,8 @@ def command_evaluate(args: argparse.Namespace) -> None:
 def command_report(args: argparse.Namespace) -> None:
     from ltrepro.config import load_config
     from ltrepro.report import (
-        audited_figures, collect, markdown_table, optimism_table, paired_table, parse_grid, spread_groups, spread_table,
+        audited_figures, behaviour_results, behaviours_table, collect, markdown_table, optimism_table, paired_table,
+        parse_grid, spread_groups, spread_table,
     )  # fmt: skip
 
     grid = parse_grid(args.grid)
@@ -419,6 +426,9 @@ def command_report(args: argparse.Namespace) -> None:
     audited = audited_figures(results) if args.optimism else None
     if audited is not None:
         tables.append(("Test-selection optimism", optimism_table(audited)))
+    if args.defects:
+        found = behaviour_results(config_files(args), project_root(args), args.methods, args.seeds, args.overrides)
+        tables.append(("The released code's behaviours against ltrepro's defaults", behaviours_table(found)))
     spread = (args.spread, spread_groups(results, methods, grid, args.spread)) if args.spread else None
     if spread is not None:
         tables.append((f"Spread across {args.spread} and across seeds (test top-1)", spread_table(spread[1], args.spread)))

@@ -125,10 +125,28 @@ def baseline_row(row: str, baseline: str) -> str:
     return baseline + sep + settings
 
 
+def paired_cells(by_seed: dict, base: dict) -> tuple[list[int], list[str]]:
+    """(the seeds both finished, a cell per column): the mean of ``by_seed`` minus ``base`` over
+    those seeds [95 % t interval], ``~`` where the interval contains zero (no difference shown);
+    one paired seed gives the difference alone, a column either lacks ``-``."""
+    seeds = [s for s, m in by_seed.items() if m is not None and base.get(s) is not None]
+    cells = []
+    for column in COLUMNS:
+        diffs = np.array([by_seed[s].get(column, np.nan) - base[s].get(column, np.nan) for s in seeds], dtype=float)
+        if not len(diffs) or np.isnan(diffs).any():
+            cells.append("-")
+            continue
+        mean, low, high = t_interval(diffs)
+        if len(diffs) < 2:
+            cells.append(f"{mean:+.2f} (one seed)")
+            continue
+        mark = " ~" if low <= 0 <= high else ""
+        cells.append(f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]{mark}")
+    return seeds, cells
+
+
 def paired_table(results: dict, baseline: str) -> str:
-    """Each row minus the baseline at the same grid point, over the seeds both finished: mean
-    difference [95 % t interval]; ``~`` marks an interval that contains zero (no difference shown).
-    One paired seed gives the difference alone."""
+    """Each row minus the baseline at the same grid point, over the seeds both finished (``paired_cells``)."""
     header = (f"| method - {baseline} | paired seeds | top-1 | many | medium | few | ECE |\n"
               "|---|---|---|---|---|---|---|\n")  # fmt: skip
     rows = []
@@ -136,20 +154,7 @@ def paired_table(results: dict, baseline: str) -> str:
         base_row = baseline_row(row, baseline)
         if row == base_row:
             continue
-        base = results[base_row]
-        seeds = [s for s, m in by_seed.items() if m is not None and base.get(s) is not None]
-        cells = []
-        for column in COLUMNS:
-            diffs = np.array([by_seed[s].get(column, np.nan) - base[s].get(column, np.nan) for s in seeds], dtype=float)
-            if not len(diffs) or np.isnan(diffs).any():
-                cells.append("-")
-                continue
-            mean, low, high = t_interval(diffs)
-            if len(diffs) < 2:
-                cells.append(f"{mean:+.2f} (one seed)")
-                continue
-            mark = " ~" if low <= 0 <= high else ""
-            cells.append(f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]{mark}")
+        seeds, cells = paired_cells(by_seed, results[base_row])
         rows.append(f"| {row} | {','.join(map(str, seeds)) or '-'} | " + " | ".join(cells) + " |")
     return header + "\n".join(rows) + "\n"
 
@@ -266,4 +271,41 @@ def spread_table(groups: dict[str, dict[str, dict]], key: str) -> str:
         means = " / ".join(f"{value:.2f}" for value in matrix.mean(axis=1)) if seeds else "-"
         spread = f"{matrix.max() - matrix.min():.2f}" if seeds else "-"
         rows.append(f"| {group} | {', '.join(by_value)} | {','.join(map(str, seeds)) or '-'} | {means} | {across_key} | {across_seeds} | {spread} |")
+    return header + "\n".join(rows) + "\n"
+
+
+def behaviour_results(paths: list[Path] | None, root: Path, methods: list[str], seeds: list[int], overrides: list[str]) -> list:
+    """[(method, ``ReferenceBehaviour``, {seed: ltrepro's default}, {seed: the released code's
+    behaviour})] for every reference behaviour the methods declare, both sides run with its
+    ``setting``; an ``optimism`` behaviour compares each audited run's validation-selected test
+    top-1 with its best test epoch (top-1 only: the audit logs nothing else per epoch)."""
+    from ltrepro.methods import METHODS
+
+    found = []
+    for method in methods:
+        for behaviour in METHODS.get(method).reference:
+            base = [*overrides, *behaviour.setting]
+            flagged = collect(paths, root, [method], seeds, [*base, *behaviour.overrides], stage=behaviour.stage)[method]
+            if behaviour.optimism:
+                figures = audited_figures({method: flagged})[method]
+                default = {s: f and {"test_top1": f[0]} for s, f in figures.items()}
+                flagged = {s: f and {"test_top1": f[1]} for s, f in figures.items()}
+            else:
+                default = collect(paths, root, [method], seeds, base, stage=behaviour.stage)[method]
+            found.append((method, behaviour, default, flagged))
+    return found
+
+
+def behaviours_table(found: list) -> str:
+    """Per reference behaviour (``behaviour_results``), the released code's behaviour minus
+    ltrepro's default over the seeds both finished (``paired_cells``)."""
+    header = ("| method | label | the released code | flag | both run with | paired seeds | top-1 | many | medium | few | ECE |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|\n")  # fmt: skip
+    rows = []
+    for method, behaviour, default, flagged in found:
+        seeds, cells = paired_cells(flagged, default)
+        shown = "selection on the test set" if behaviour.optimism else " ".join(behaviour.overrides)
+        setting = " ".join([*behaviour.setting, *([f"(stage {behaviour.stage})"] if behaviour.stage else [])]) or "-"
+        rows.append(f"| {method} | {behaviour.label} | {behaviour.what} | {shown} | {setting} | {','.join(map(str, seeds)) or '-'} | "
+                    + " | ".join(cells) + " |")  # fmt: skip
     return header + "\n".join(rows) + "\n"

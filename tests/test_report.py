@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from ltrepro.errors import LtreproError
-from ltrepro.report import COLUMNS, baseline_row, optimism_figures, paired_table, spread_groups, spread_table, t_interval
+from ltrepro.cli import main
+from ltrepro.methods import ReferenceBehaviour
+from ltrepro.report import (
+    COLUMNS, baseline_row, behaviours_table, optimism_figures, paired_table, spread_groups, spread_table, t_interval,
+)
+from ltrepro.runner import train
 
 T_975_2DF = 4.302652729911275  # Student t, 97.5 % quantile, 2 degrees of freedom
 
@@ -66,3 +71,33 @@ def test_spread_across_split_seeds_against_spread_across_init_seeds():
     assert cells == ["ce, data.imbalance=100", "0, 1, 2", "0,1", "70.50 / 72.50 / 74.50", "2.00", "0.71", "5.00"]
     with pytest.raises(LtreproError, match=r"--spread data.split: not a --grid key \(the grid has data.split_seed, data.imbalance\)"):
         spread_groups(results, ["ce"], grid, "data.split")
+
+
+def test_behaviours_table_is_the_released_codes_behaviour_minus_the_default():
+    flag = ReferenceBehaviour("FC2", "FCC factors by class index", ("stage1.fcc_by_index=true",), ("data.class_order_seed=1",))
+    audit = ReferenceBehaviour("FC1", "best test epoch kept", ("audit.test_every_epoch=true",), optimism=True)
+    default = {0: metrics(70.0, 60.0), 1: metrics(71.0, 60.0)}
+    flagged = {0: metrics(69.0, 55.0), 1: metrics(69.0, 56.0)}
+    lines = behaviours_table([("ce_fcc", flag, default, flagged), ("ce_fcc", audit, {0: {"test_top1": 70.0}}, {0: {"test_top1": 70.5}})]).splitlines()
+    cells = [cell.strip() for cell in lines[2].strip("|").split("|")]
+    half = 12.706204736174707 * 0.5  # Student t 97.5 %, 1 degree of freedom, times the se of two differences (sd 0.71)
+    assert cells[:6] == ["ce_fcc", "FC2", "FCC factors by class index", "stage1.fcc_by_index=true", "data.class_order_seed=1", "0,1"]
+    assert cells[6] == f"-1.50 [{-1.5 - half:+.2f}, {-1.5 + half:+.2f}] ~"  # top-1: -1, -2
+    assert cells[9] == f"-4.50 [{-4.5 - half:+.2f}, {-4.5 + half:+.2f}] ~"  # few: -5, -4
+    audited = [cell.strip() for cell in lines[3].strip("|").split("|")]
+    assert audited[3:] == ["selection on the test set", "-", "0", "+0.50 (one seed)", "-", "-", "-", "-"]  # the audit logs top-1 alone
+
+
+FAST = ["stage1.epochs=2", "stage1.batch_size=16", "stage1.fcc=0.5", "stage1.lr=0.01"]
+
+
+def test_report_defects_pairs_each_flag_with_the_default_run_on_its_setting(project, capsys):
+    default = train(project / "params.yaml", ["method=ce_fcc", *FAST, "data.class_order_seed=1"])[-1].metrics
+    by_index = train(project / "params.yaml", ["method=ce_fcc", *FAST, "data.class_order_seed=1", "stage1.fcc_by_index=true"])[-1].metrics
+    assert by_index["test_ece"] != default["test_ece"]  # on a shuffled class order the flag changes the run
+    capsys.readouterr()
+    assert main(["report", "--config", str(project / "params.yaml"), *FAST, "--methods", "ce_fcc", "--seeds", "0", "--defects"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "| FC2 |" in line)
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[5:7] == ["0", f"{by_index['test_top1'] - default['test_top1']:+.2f} (one seed)"]
+    assert cells[10] == f"{by_index['test_ece'] - default['test_ece']:+.2f} (one seed)"

@@ -64,11 +64,39 @@ class Tunable:
 
 
 @dataclass(frozen=True)
+class ReferenceBehaviour:
+    """A way the method's released code differs from ltrepro's default that changes results, kept
+    as a flag: ``overrides`` reproduce the released code. ``label`` is the difference's label in
+    the method card (docs/methods/), ``setting`` what both sides of the comparison run with so the
+    effect can show (a shuffled class order where rank and index coincide on a sorted profile),
+    ``stage`` the stage whose test metrics show it (None: the final one). ``optimism``: the
+    released code selects its epoch on the test set; the effect is then the audited run's best test
+    epoch against its validation-selected one (``ltrepro report --optimism``), not a second run."""
+
+    label: str
+    what: str
+    overrides: tuple[str, ...]
+    setting: tuple[str, ...] = ()
+    stage: str | None = None
+    optimism: bool = False
+
+
+
+SHUFFLED_CLASSES = ("data.class_order_seed=1",)  # a setting where frequency rank and class index differ
+
+
+def selection_on_test(label: str, what: str = "best test epoch kept") -> ReferenceBehaviour:
+    """The released code keeps the epoch that scores best on the test set (measured by the audit)."""
+    return ReferenceBehaviour(label, what, ("audit.test_every_epoch=true",), optimism=True)
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     summary: str
     stages: tuple[Stage, ...]
     tunables: tuple[Tunable, ...] = field(default_factory=tuple)
+    reference: tuple[ReferenceBehaviour, ...] = field(default_factory=tuple)
 
     def describe(self) -> dict:
         return {
@@ -80,6 +108,10 @@ class Method:
             "tunables": [
                 {"key": t.key, "low": t.low, "high": t.high, "log": t.log, "integer": t.integer} for t in self.tunables
             ],
+            "reference": [
+                {"label": r.label, "what": r.what, "overrides": list(r.overrides), "setting": list(r.setting),
+                 "stage": r.stage, "optimism": r.optimism} for r in self.reference
+            ],  # fmt: skip
         }
 
     def stage(self, name: str) -> Stage:

@@ -13,7 +13,7 @@ import torch
 
 from ltrepro.config import Config, bounded, register_block
 from ltrepro.data import LTData
-from ltrepro.methods import Method, Stage, Tunable, register
+from ltrepro.methods import SHUFFLED_CLASSES, Method, ReferenceBehaviour, Stage, Tunable, register, selection_on_test
 from ltrepro.objectives import Objective
 from ltrepro.rebuild import load_input
 from ltrepro.stages import (
@@ -60,6 +60,10 @@ register(
         "cross-entropy with Feature Clusters Compression (CVPR'23): features times tau_y in training",
         (STAGE1,),
         (Tunable("stage1.fcc", 0.05, 2.0, log=True),),
+        (
+            selection_on_test("FC1"),
+            ReferenceBehaviour("FC2", "FCC factors by class index", ("stage1.fcc_by_index=true",), SHUFFLED_CLASSES),
+        ),
     )
 )
 register(
@@ -67,6 +71,7 @@ register(
         "crt",
         "classifier re-training: frozen CE backbone, new head, class-balanced sampling",
         (STAGE1, Stage("stage2", "stage2", probe_stage, inputs=("stage1",), reads=PROBE_READS)),
+        reference=(selection_on_test("H6", "best test epoch kept (H2T's cRT code)"),),
     )
 )
 register(

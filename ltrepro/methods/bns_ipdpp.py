@@ -33,7 +33,7 @@ from ltrepro.data.loader import make_loader, split_loader
 from ltrepro.data.simclr import SimclrAugment
 from ltrepro.errors import LtreproError
 from ltrepro.losses.contrastive import bns_loss
-from ltrepro.methods import Method, Stage, Tunable, register
+from ltrepro.methods import Method, ReferenceBehaviour, Stage, Tunable, register, selection_on_test
 from ltrepro.models.network import Classifier
 from ltrepro.objectives import Objective
 from ltrepro.readouts import EmbeddingOf, NearestClassMean
@@ -289,5 +289,11 @@ register(
                   loads=lambda cfg: ("pretrain", "probe") if cfg.ipdpp.init_head_from_probe else ("pretrain",)),
         ),
         (Tunable("ipdpp.k", 20, 400, log=True, integer=True), Tunable("ipdpp.every", 1, 5, integer=True)),
+        (
+            ReferenceBehaviour("B1", "one fixed uniform subset per class for the whole fine-tune", ("ipdpp.sampler=repo",)),
+            ReferenceBehaviour("B9", "the probe's BN statistics follow its batches", ("probe.bn=shift",), stage="probe"),
+            ReferenceBehaviour("B11", "IP-DPP scores on one augmented view", ("ipdpp.scores=augmented",)),
+            selection_on_test("B14"),
+        ),
     )
 )  # fmt: skip

@@ -18,7 +18,7 @@ from torch import nn
 from ltrepro.config import Config, bounded, register_block
 from ltrepro.data import LTData
 from ltrepro.features import ffn_fused_logits
-from ltrepro.methods import Method, Stage, Tunable, register
+from ltrepro.methods import SHUFFLED_CLASSES, Method, ReferenceBehaviour, Stage, Tunable, register, selection_on_test
 from ltrepro.methods.baselines import STAGE1
 from ltrepro.models.heads import CosineClassifier
 from ltrepro.objectives import FusionObjective
@@ -91,5 +91,11 @@ register(
             ),  # fmt: skip
         ),
         (Tunable("ffn.lam", 0.0, 1.0),),
+        (
+            ReferenceBehaviour("F1", "CE backbone's BN in train mode in stage 2", ("ffn.reference_bn_bug=true",)),
+            ReferenceBehaviour("F5", "KPS margins and GA scales by class index", ("ffn.kps_params.mirror=index",),
+                               SHUFFLED_CLASSES, stage="stage1_kps"),
+            selection_on_test("F8"),
+        ),
     )
 )

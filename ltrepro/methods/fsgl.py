@@ -25,7 +25,7 @@ from ltrepro.data import LTData
 from ltrepro.data.loader import make_loader
 from ltrepro.features import cutmix_box, fcc_scale, paste_box
 from ltrepro.losses import functional as LF
-from ltrepro.methods import Method, Stage, Tunable, register
+from ltrepro.methods import SHUFFLED_CLASSES, Method, ReferenceBehaviour, Stage, Tunable, register, selection_on_test
 from ltrepro.methods.baselines import PROBE_READS, probe_stage
 from ltrepro.methods.h2t import CLASSIFIER_READS, RHO, h2t_stage
 from ltrepro.models.network import Classifier
@@ -160,7 +160,11 @@ FSGL_READS = ("stage1.fcc", "stage1.fcc_by_index", "fsgl")
 STAGE = Stage("stage1", "stage1", fsgl_stage, reads=FSGL_READS)
 TUNABLES = (Tunable("stage1.fcc", 0.05, 2.0, log=True), Tunable("stage1.sam.rho", 0.01, 0.5, log=True),
             Tunable("fsgl.contrast_weight", 0.5, 10.0, log=True))  # fmt: skip
-register(Method("fsgl", "FSGL: GLMC mixed views, feature scaling by frequency rank, SimSiam term, SAM; one stage", (STAGE,), TUNABLES))
+REFERENCE = (
+    selection_on_test("FS3"),
+    ReferenceBehaviour("FS5", "feature scaling factors by class index", ("stage1.fcc_by_index=true",), SHUFFLED_CLASSES),
+)
+register(Method("fsgl", "FSGL: GLMC mixed views, feature scaling by frequency rank, SimSiam term, SAM; one stage", (STAGE,), TUNABLES, REFERENCE))
 register(
     Method(
         "fsgl_crt", "FSGL backbone, then cRT (frozen backbone, new head, class-balanced sampling)",

@@ -17,7 +17,7 @@ import torch
 
 from ltrepro.config import Config, bounded, register_block
 from ltrepro.data import LTData
-from ltrepro.methods import Method, Stage, Tunable, register
+from ltrepro.methods import Method, Stage, Tunable, register, selection_on_test
 from ltrepro.methods.baselines import PROBE_READS, STAGE1
 from ltrepro.objectives import GraftingObjective, Objective
 from ltrepro.rebuild import load_input
@@ -63,12 +63,12 @@ RHO = Tunable("h2t.rho", 0.05, 0.6)
 # classifier_stage reads what a probe stage reads but mixup (it never mixes); LWS adds head_lr_factor.
 CLASSIFIER_READS = tuple(key for key in PROBE_READS if key != "stage2.mixup_alpha")
 LWS_READS = ("stage2.head_lr_factor",)
-for name, summary, build, reads, tunables in (
+for name, summary, build, reads, tunables, reference in (
     ("h2t", "H2T: graft head-class channels into class-balanced samples, stage-2 classifier with CE", h2t_stage,
-     (*CLASSIFIER_READS, "h2t.rho"), (RHO,)),
+     (*CLASSIFIER_READS, "h2t.rho"), (RHO,), (selection_on_test("H6"),)),
     ("mislas", "MiSLAS stage 2: label-aware smoothing, LWS, class-balanced sampling, shift BN", mislas_stage,
-     (*CLASSIFIER_READS, *LWS_READS), ()),
+     (*CLASSIFIER_READS, *LWS_READS), (), (selection_on_test("M4"),)),
     ("mislas_h2t", "MiSLAS stage 2 with H2T grafting (the paper's MiSLAS+H2T)", mislas_h2t_stage,
-     (*CLASSIFIER_READS, *LWS_READS, "h2t.rho"), (RHO,)),
+     (*CLASSIFIER_READS, *LWS_READS, "h2t.rho"), (RHO,), ()),
 ):  # fmt: skip
-    register(Method(name, summary, (STAGE1, Stage("stage2", "stage2", build, inputs=("stage1",), reads=reads)), tunables))
+    register(Method(name, summary, (STAGE1, Stage("stage2", "stage2", build, inputs=("stage1",), reads=reads)), tunables, reference))
