@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from ltrepro.config import load_config
-from ltrepro.errors import LtreproError
-from ltrepro.tracking import open_store
 from ltrepro.context import resolve
+from ltrepro.errors import LtreproError
 from ltrepro.runner import plan_method
 from ltrepro.scoring import AUDIT_METRIC
+from ltrepro.tracking import open_store
 
 COLUMNS = ("test_top1", "test_many", "test_medium", "test_few", "test_ece")
 

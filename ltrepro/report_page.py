@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import re
 import shutil
 import time
@@ -107,7 +106,6 @@ def write_page(
     ``audited`` (``report.audited_figures``) adds the optimism figure, ``spread`` (the key and its
     ``report.spread_groups``) the spread figure."""
     out.mkdir(parents=True, exist_ok=True)
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # one bar per file downloaded is noise
     downloads = out / "runs"
     evaluations: dict[str, list[dict]] = {}
     reliability: dict[str, list[tuple[int, Path]]] = {}

@@ -81,6 +81,7 @@ def run_files(run_id: str, paths: list[str], folder: Path) -> dict[str, Path]:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # one bar per file downloaded is noise
     found = {}
     for path in paths:
         try:

@@ -19,7 +19,7 @@ def report(project, out, capsys) -> str:
 
 
 def test_exported_runs_imported_elsewhere_report_the_same_table_and_nothing_twice(project, tmp_path, monkeypatch, empty_mlflow_db, capsys):
-    stage1, stage2 = train(project / "params.yaml", ["method=crt", *FAST])
+    _, stage2 = train(project / "params.yaml", ["method=crt", *FAST])
     before = report(project, tmp_path / "before.md", capsys)
     archive = tmp_path / "archive"
     assert main(["archive", "export", "--config", str(project / "params.yaml"), str(archive)]) == 0

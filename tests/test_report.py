@@ -5,12 +5,12 @@ import math
 import numpy as np
 import pytest
 
-from ltrepro.errors import LtreproError
 from ltrepro.cli import main
+from ltrepro.errors import LtreproError
 from ltrepro.methods import ReferenceBehaviour
 from ltrepro.report import (
     COLUMNS, baseline_row, behaviours_table, optimism_figures, paired_table, spread_groups, spread_table, t_interval,
-)
+)  # fmt: skip
 from ltrepro.runner import train
 
 T_975_2DF = 4.302652729911275  # Student t, 97.5 % quantile, 2 degrees of freedom
