@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--defects", action="store_true",
                         help="the reference-code defects table: for each behaviour of the released code the methods declare "
                              "(`ltrepro methods`), its flag's paired difference from ltrepro's default")  # fmt: skip
+    report.add_argument("--missing", action="store_true",
+                        help="instead of the tables, the `ltrepro train` command of every cell they lack, one a line")
     report.add_argument("--spread", metavar="KEY",
                         help="a --grid key (e.g. data.split_seed): each method's spread across its values with the seed "
                              "fixed against its spread across seeds with the value fixed")  # fmt: skip
@@ -419,7 +421,8 @@ def command_report(args: argparse.Namespace) -> None:
     grid = parse_grid(args.grid)
     methods = [*args.methods, *([args.baseline] if args.baseline and args.baseline not in args.methods else [])]
     overrides = [*args.overrides, *(["audit.test_every_epoch=true"] if args.optimism else [])]
-    results = collect(config_files(args), project_root(args), methods, args.seeds, overrides, grid, args.stage)
+    missing: list[list[str]] = []
+    results = collect(config_files(args), project_root(args), methods, args.seeds, overrides, grid, args.stage, missing)
     tables = [("Methods (test, mean ± std over seeds)", markdown_table(results))]
     if args.baseline:
         tables.append((f"Paired difference from {args.baseline}", paired_table(results, args.baseline)))
@@ -427,8 +430,12 @@ def command_report(args: argparse.Namespace) -> None:
     if audited is not None:
         tables.append(("Test-selection optimism", optimism_table(audited)))
     if args.defects:
-        found = behaviour_results(config_files(args), project_root(args), args.methods, args.seeds, args.overrides)
+        found = behaviour_results(config_files(args), project_root(args), args.methods, args.seeds, args.overrides, missing)
         tables.append(("The released code's behaviours against ltrepro's defaults", behaviours_table(found)))
+    if args.missing:  # instead of the tables: what to train to fill them, one command a line
+        for cell in dict.fromkeys(shlex.join(["ltrepro", "train", *cell]) for cell in missing):
+            print(cell)
+        return
     spread = (args.spread, spread_groups(results, methods, grid, args.spread)) if args.spread else None
     if spread is not None:
         tables.append((f"Spread across {args.spread} and across seeds (test top-1)", spread_table(spread[1], args.spread)))

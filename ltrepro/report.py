@@ -81,10 +81,11 @@ def row_label(method: str, settings: list[str]) -> str:
 
 def collect(
     paths: list[Path] | None, root: Path, methods: list[str], seeds: list[int], overrides: list[str],
-    grid: dict[str, list[str]] | None = None, stage: str | None = None,
+    grid: dict[str, list[str]] | None = None, stage: str | None = None, missing: list[list[str]] | None = None,
 ) -> dict:  # fmt: skip
     """{row: {seed: metrics (with ``wall_s``) or None}} for the final stage of each method (or the
-    stage named ``stage``, with the stages before it) at each grid point."""
+    stage named ``stage``, with the stages before it) at each grid point; the overrides of each
+    cell without a finished run are appended to ``missing`` (what ``ltrepro train`` takes)."""
 
     open_store(root)
     grid = grid or {}
@@ -95,8 +96,10 @@ def collect(
             row = row_label(method, settings)
             results[row] = {}
             for seed in seeds:
-                cfg = resolve(load_config(paths, [*overrides, *settings, f"method={method}", f"seed={seed}"]))
-                results[row][seed] = seed_result(up_to(plan_method(cfg), stage, method))
+                cell = [*overrides, *settings, f"method={method}", f"seed={seed}"]
+                results[row][seed] = seed_result(up_to(plan_method(resolve(load_config(paths, cell))), stage, method))
+                if results[row][seed] is None and missing is not None:
+                    missing.append(cell)
     return results
 
 
@@ -274,24 +277,28 @@ def spread_table(groups: dict[str, dict[str, dict]], key: str) -> str:
     return header + "\n".join(rows) + "\n"
 
 
-def behaviour_results(paths: list[Path] | None, root: Path, methods: list[str], seeds: list[int], overrides: list[str]) -> list:
+def behaviour_results(
+    paths: list[Path] | None, root: Path, methods: list[str], seeds: list[int], overrides: list[str],
+    missing: list[list[str]] | None = None,
+) -> list:  # fmt: skip
     """[(method, ``ReferenceBehaviour``, {seed: ltrepro's default}, {seed: the released code's
     behaviour})] for every reference behaviour the methods declare, both sides run with its
     ``setting``; an ``optimism`` behaviour compares each audited run's validation-selected test
-    top-1 with its best test epoch (top-1 only: the audit logs nothing else per epoch)."""
+    top-1 with its best test epoch (top-1 only: the audit logs nothing else per epoch); cells
+    without a finished run go to ``missing`` as in ``collect``."""
     from ltrepro.methods import METHODS
 
     found = []
     for method in methods:
         for behaviour in METHODS.get(method).reference:
             base = [*overrides, *behaviour.setting]
-            flagged = collect(paths, root, [method], seeds, [*base, *behaviour.overrides], stage=behaviour.stage)[method]
+            flagged = collect(paths, root, [method], seeds, [*base, *behaviour.overrides], stage=behaviour.stage, missing=missing)[method]
             if behaviour.optimism:
                 figures = audited_figures({method: flagged})[method]
                 default = {s: f and {"test_top1": f[0]} for s, f in figures.items()}
                 flagged = {s: f and {"test_top1": f[1]} for s, f in figures.items()}
             else:
-                default = collect(paths, root, [method], seeds, base, stage=behaviour.stage)[method]
+                default = collect(paths, root, [method], seeds, base, stage=behaviour.stage, missing=missing)[method]
             found.append((method, behaviour, default, flagged))
     return found
 

@@ -98,6 +98,12 @@ def test_report_defects_pairs_each_flag_with_the_default_run_on_its_setting(proj
     capsys.readouterr()
     assert main(["report", "--config", str(project / "params.yaml"), *FAST, "--methods", "ce_fcc", "--seeds", "0", "--defects"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if "| FC2 |" in line)
+    # --missing: the cells without a run (the methods table's ce_fcc on sorted classes, FC1's audited
+    # run) as the train commands that fill them
+    assert main(["report", "--config", str(project / "params.yaml"), *FAST, "--methods", "ce_fcc", "--seeds", "0", "--defects", "--missing"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"ltrepro train {' '.join(FAST)} method=ce_fcc seed=0", f"ltrepro train {' '.join(FAST)} audit.test_every_epoch=true method=ce_fcc seed=0"
+    ]
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells[5:7] == ["0", f"{by_index['test_top1'] - default['test_top1']:+.2f} (one seed)"]
     assert cells[10] == f"{by_index['test_ece'] - default['test_ece']:+.2f} (one seed)"
