@@ -68,7 +68,7 @@ def spread_figure(key: str, groups: dict[str, dict[str, dict]], path: Path) -> P
         ax = fig.add_subplot(1, len(groups), index + 1)
         matrix, seeds = spread_matrix(by_value)
         for column, seed in enumerate(seeds):
-            ax.plot(range(len(by_value)), matrix[:, column], marker="o", label=f"seed {seed}")
+            ax.plot(range(len(by_value)), matrix[:, column], marker="o", label=f"seed {seed} (init, validation)")
         ax.set_xticks(range(len(by_value)), list(by_value))
         ax.set(title=group, xlabel=key, ylabel="test top-1 (%)")
         ax.legend(fontsize=7)
