@@ -91,10 +91,6 @@ def read_record(path: Path) -> dict:
     return record
 
 
-def batches(items: list, size: int) -> list[list]:
-    return [items[start : start + size] for start in range(0, len(items), size)] or [[]]
-
-
 def import_runs(root: Path, folder: Path) -> list[str]:
     """Recreate each archived run of ``folder`` not yet in the store; returns the original ids imported."""
     import mlflow
@@ -117,14 +113,14 @@ def import_runs(root: Path, folder: Path) -> list[str]:
         tags = {**record["tags"], ARCHIVED_TAG: record["run_id"]}
         run = client.create_run(experiment, start_time=record["start_time"], run_name=record["run_name"])
         run_id = run.info.run_id
-        metrics = [Metric(key, value, timestamp, step) for key, history in record["metrics"].items() for step, timestamp, value in history]
-        params = [Param(key, value) for key, value in record["params"].items()]
-        for chunk in batches(metrics, BATCH["metrics"]):
-            client.log_batch(run_id, metrics=chunk)
-        for chunk in batches(params, BATCH["params"]):
-            client.log_batch(run_id, params=chunk)
-        for chunk in batches([RunTag(key, value) for key, value in tags.items()], BATCH["tags"]):
-            client.log_batch(run_id, tags=chunk)
+        entries = {
+            "metrics": [Metric(key, value, timestamp, step) for key, history in record["metrics"].items() for step, timestamp, value in history],
+            "params": [Param(key, value) for key, value in record["params"].items()],
+            "tags": [RunTag(key, value) for key, value in tags.items()],
+        }  # fmt: skip
+        for kind, items in entries.items():
+            for start in range(0, len(items), BATCH[kind]):
+                client.log_batch(run_id, **{kind: items[start : start + BATCH[kind]]})
         artifacts = folder / record["run_id"]
         for path in sorted(p for p in artifacts.rglob("*") if p.is_file()) if artifacts.is_dir() else []:
             folder_in_run = path.parent.relative_to(artifacts).as_posix()
