@@ -37,7 +37,7 @@ from ltrepro.bench import bench_optimizer, engine_epochs
 from ltrepro.config import AugmentConfig
 from ltrepro.data import LTData
 from ltrepro.data.base import Split
-from ltrepro.data.loader import DeviceLoader, fixed_seed_generator
+from ltrepro.data.loader import DeviceLoader, fixed_seed_generator, make_loader
 from ltrepro.data.lt import lt_counts
 from ltrepro.engine import autocast
 from ltrepro.models import Classifier, create_model
@@ -46,14 +46,17 @@ from ltrepro.tracking import cpu_name, device_name
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # the reference's Normalize
 
 
-def random_cifar_lt(n_max: int, imbalance: float = 100.0, num_classes: int = 10, seed: int = 0) -> LTData:
-    """Random 3 x 32 x 32 uint8 images with CIFAR-10-LT's class profile (n_max 5000, IF 100: 12,406)."""
+def random_cifar_lt(n_max: int, imbalance: float = 100.0, num_classes: int = 10, seed: int = 0, val_size: int = 0) -> LTData:
+    """Random 3 x 32 x 32 uint8 images with CIFAR-LT's class profile (CIFAR-10-LT, n_max 5000 at IF 100:
+    12,406; CIFAR-100-LT, n_max 500: 10,847). val/test are ``val_size`` training images drawn at random
+    (a split that is read for its cost, not its accuracy), or the first ``num_classes`` with 0."""
     generator = torch.Generator().manual_seed(seed)
     labels = np.repeat(np.arange(num_classes), lt_counts(n_max, imbalance, num_classes))
     images = torch.randint(0, 256, (len(labels), 3, 32, 32), dtype=torch.uint8, generator=generator)
-    tiny = Split(labels[:num_classes], images[:num_classes])  # val/test are never read here
-    return LTData("random_cifar10_lt", num_classes, [str(c) for c in range(num_classes)], Split(labels, images),
-                  tiny, tiny, CIFAR_MEAN, CIFAR_STD, 3, 32)  # fmt: skip
+    held = torch.randperm(len(labels), generator=generator)[:val_size].numpy() if val_size else np.arange(num_classes)
+    val = Split(labels[held], images[held])
+    return LTData(f"random_cifar{num_classes}_lt", num_classes, [str(c) for c in range(num_classes)], Split(labels, images),
+                  val, val, CIFAR_MEAN, CIFAR_STD, 3, 32)  # fmt: skip
 
 
 class ReferenceImages(torch.utils.data.Dataset):
@@ -118,13 +121,17 @@ def engine_loader(data: LTData, batch_size: int, device: torch.device, channels_
     return loader
 
 
-def bench_model(data: LTData, device: torch.device, channels_last: bool, compiled: bool) -> torch.nn.Module:
-    """The registry's ResNet-32 with seed-0 weights, the same in every row."""
+def bench_model(data: LTData, device: torch.device, channels_last: bool, compiled: bool) -> Classifier:
+    """The registry's ResNet-32 with seed-0 weights, the same in every row. ``compiled`` compiles
+    the backbone in place: the objectives call ``model.features`` and ``model.head``, never
+    ``model(x)``, so a ``torch.compile(model)`` wrapper would leave every training step eager."""
     torch.manual_seed(0)
     model = create_model("resnet32", data.num_classes, 3).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return torch.compile(model, dynamic=False) if compiled else model  # the last, smaller batch gets its own graph
+    if compiled:
+        model.backbone.compile(dynamic=False)  # the last, smaller batch gets its own graph
+    return model
 
 
 def engine_runner(data: LTData, batch_size: int, device: torch.device, channels_last: bool | None = None,
@@ -291,6 +298,52 @@ def bench_train(device: torch.device, out: Path, quick: bool = False, epochs: in
         "ratio_fast_vs_reference": fast / img_per_s["reference"] if fast else None,
         "profile": profile_engine(data, batch_size, device, 5 if quick else 20),
         "mlflow_logging": mlflow_logging_cost(len(data.train) / img_per_s["engine"], 10 if quick else 30),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def bench_schedule(device: torch.device, out: Path, epochs: int = 200, compiled: bool = False, quick: bool = False) -> dict:
+    """A whole stage-1 schedule through ``engine.fit``, as ``ltrepro train`` runs it: ResNet-32 on a
+    CIFAR-100-LT-sized set (IF 100, 10,847 images; ``quick``: n_max 8 at IF 8, 293 images) with LDAM-DRW's
+    stage-1 recipe (batch 128, SGD lr 0.1, momentum 0.9, weight decay 2e-4, 5 warm-up epochs, lr x 0.01
+    at 80 % and 90 % of the epochs), validation on 1,000 images and both checkpoints written every
+    epoch. ``training_seconds`` sums the epochs' training passes (compilation falls in the first);
+    ``wall_seconds`` is the whole ``fit``, validation and checkpoints included."""
+    from ltrepro.config import StageConfig
+    from ltrepro.engine import fit
+    from ltrepro.losses import build_loss
+    from ltrepro.objectives import Objective
+    from ltrepro.stages import make_plan
+
+    data = random_cifar_lt(8, 8.0, 100, val_size=100) if quick else random_cifar_lt(500, 100.0, 100, val_size=1000)
+    stage = StageConfig(epochs=epochs, batch_size=128, lr=0.1, weight_decay=2e-4, warmup_epochs=min(5, epochs - 1),
+                        schedule="multistep", milestones=[int(0.8 * epochs), int(0.9 * epochs)], gamma=0.01)  # fmt: skip
+    loader = engine_loader(data, stage.batch_size, device)
+    model = bench_model(data, device, loader.channels_last, compiled)
+    plan = make_plan(stage, model, Objective(build_loss("ce", data.train_counts.tolist())), loader)
+    val_loader = make_loader(data, "val", 1000, device)
+    with tempfile.TemporaryDirectory() as run_dir:
+        start = time.perf_counter()
+        history = fit(plan, stage, val_loader, Path(run_dir), device, 0, data.num_classes).history
+        wall = synchronized_time(device) - start
+    epoch_seconds = [len(data.train) / epoch["throughput"] for epoch in history]
+    result = {
+        **hardware(device),
+        "model": "resnet32",
+        "compiled": compiled,
+        "train_images": len(data.train),
+        "val_images": len(data.val),
+        "batch_size": stage.batch_size,
+        "epochs": epochs,
+        "quick": quick,
+        "training_seconds": sum(epoch_seconds),
+        "wall_seconds": wall,
+        "first_epoch_seconds": epoch_seconds[0],
+        "median_epoch_seconds": float(np.median(epoch_seconds)),
+        "img_per_s_after_first_epoch": len(data.train) * (epochs - 1) / sum(epoch_seconds[1:]) if epochs > 1 else None,
+        "final_train_loss": history[-1]["train_loss"],
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

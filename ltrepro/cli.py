@@ -223,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--cpu-options", action="store_true", help="also time the engine with channels_last, torch.compile, fused SGD on CPU")
     train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when present")
     train.add_argument("--out", type=Path, default=Path("bench/train.json"), help="result file")
+    schedule = benchmarks.add_parser("schedule", help="seconds of a whole ResNet-32 stage-1 schedule on a CIFAR-100-LT-sized set")
+    schedule.add_argument("--epochs", type=int, default=200, help="epochs of the schedule (default 200, LDAM-DRW's)")
+    schedule.add_argument("--compile", action="store_true", help="torch.compile the backbone (inductor)")
+    schedule.add_argument("--quick", action="store_true", help="293 images (n_max 8 at IF 8) instead of 10,847: a smoke run")
+    schedule.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when present")
+    schedule.add_argument("--out", type=Path, default=Path("bench/schedule.json"), help="result file")
     return parser
 
 
@@ -460,12 +466,12 @@ def command_archive(args: argparse.Namespace) -> None:
 
 
 def command_bench(args: argparse.Namespace) -> None:
-    if args.bench_command == "serve":
-        command_bench_serve(args)
-        return
-    if args.bench_command == "train":
-        command_bench_train(args)
-        return
+    commands = {"loader": command_bench_loader, "serve": command_bench_serve, "train": command_bench_train,
+                "schedule": command_bench_schedule}  # fmt: skip
+    commands[args.bench_command](args)
+
+
+def command_bench_loader(args: argparse.Namespace) -> None:
     from ltrepro.bench import bench_loader
     from ltrepro.config import load_config
     from ltrepro.data import load_data
@@ -487,6 +493,19 @@ def command_bench_train(args: argparse.Namespace) -> None:
         raise LtreproError(f"--epochs must be at least 1, got {args.epochs}")
     result = bench_train(select_device(args.device), args.out, args.quick, args.epochs, args.cpu_options)
     print(markdown_table(result))
+    print(f"written: {args.out}")
+
+
+def command_bench_schedule(args: argparse.Namespace) -> None:
+    from ltrepro.bench_train import bench_schedule
+    from ltrepro.context import select_device
+
+    if args.epochs < 2:
+        raise LtreproError(f"--epochs must be at least 2 (one warm-up epoch and one more), got {args.epochs}")
+    result = bench_schedule(select_device(args.device), args.out, args.epochs, args.compile, args.quick)
+    print(f"{result['epochs']} epochs of {result['train_images']} images on {result['device']}"
+          f"{' (compiled)' if result['compiled'] else ''}: {result['training_seconds']:.1f} s training, "
+          f"{result['wall_seconds']:.1f} s with validation and checkpoints")  # fmt: skip
     print(f"written: {args.out}")
 
 

@@ -1,12 +1,15 @@
 import json
 import math
+from unittest import mock
 
 import numpy as np
 import torch
 
-from ltrepro.bench_train import ReferenceImages, random_cifar_lt, reference_epoch
+from ltrepro.bench_train import ReferenceImages, bench_model, random_cifar_lt, reference_epoch
 from ltrepro.cli import main
+from ltrepro.losses import build_loss
 from ltrepro.models import create_model
+from ltrepro.objectives import Objective
 
 
 def test_the_benchmark_set_has_cifar10_lt_if100s_size_and_profile():
@@ -57,3 +60,52 @@ def test_bench_train_quick_writes_sane_figures(tmp_path, capsys):
     assert 0 < result["mlflow_logging"]["share_of_engine_epoch"] < 1
     printed = capsys.readouterr().out
     assert "| reference |" in printed and "engine / reference" in printed and str(out) in printed
+
+
+def test_the_schedule_set_has_cifar100_lt_if100s_size_and_a_held_out_split():
+    data = random_cifar_lt(500, 100.0, 100, val_size=1000)
+    counts = np.bincount(data.train.labels)
+    assert len(data.train) == 10847 and counts[0] == 500 and counts[-1] == 5  # CIFAR-100-LT at IF 100
+    assert len(data.val) == 1000 and len(np.unique(data.val.labels)) > 50  # drawn across classes, not the head's first images
+    first = data.val.images[0]
+    assert any(torch.equal(first, image) for image in data.train.images[data.train.labels == data.val.labels[0]])
+
+
+def test_a_compiled_bench_model_sends_the_objectives_calls_through_the_compiled_backbone():
+    data = random_cifar_lt(20)
+    calls = []
+
+    def recording_compile(function, **options):
+        def compiled(*args, **kwargs):
+            calls.append(options)
+            return function(*args, **kwargs)
+
+        return compiled
+
+    with mock.patch("torch.compile", recording_compile):
+        model = bench_model(data, torch.device("cpu"), channels_last=False, compiled=True)
+    plain = bench_model(data, torch.device("cpu"), channels_last=False, compiled=False)
+    objective = Objective(build_loss("ce", [2] * 10))
+    images, labels = torch.randn(4, 3, 32, 32), torch.arange(4)
+    loss = objective(model, images, labels, np.random.default_rng(0))
+    assert calls == [{"dynamic": False}]  # model.features -> the backbone's compiled call
+    assert list(model.state_dict()) == list(plain.state_dict())  # checkpoints keep their keys
+    assert torch.equal(loss, objective(plain, images, labels, np.random.default_rng(0)))
+
+
+def test_bench_schedule_quick_trains_every_epoch_and_writes_its_figures(tmp_path, capsys):
+    out = tmp_path / "schedule.json"
+    assert main(["bench", "schedule", "--quick", "--epochs", "2", "--device", "cpu", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["train_images"] == 293 and result["val_images"] == 100 and result["epochs"] == 2
+    assert 0 < result["first_epoch_seconds"] < result["training_seconds"] < result["wall_seconds"]
+    second_epoch = result["training_seconds"] - result["first_epoch_seconds"]
+    assert math.isclose(result["img_per_s_after_first_epoch"], 293 / second_epoch)
+    assert math.isfinite(result["final_train_loss"]) and result["compiled"] is False
+    assert "2 epochs of 293 images" in capsys.readouterr().out
+
+
+def test_bench_schedule_refuses_a_schedule_without_a_timed_epoch(tmp_path, capsys):
+    assert main(["bench", "schedule", "--quick", "--epochs", "1", "--out", str(tmp_path / "s.json")]) != 0
+    assert "--epochs must be at least 2" in capsys.readouterr().err
+    assert not (tmp_path / "s.json").exists()
