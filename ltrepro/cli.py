@@ -347,7 +347,6 @@ def command_tune(args: argparse.Namespace) -> None:
 def command_export(args: argparse.Namespace) -> None:
     from ltrepro.config import load_config
     from ltrepro.export import export_run
-
     from ltrepro.runs import final_run
 
     runs = [run for run in args.run if run]  # MLproject passes "" for "not given"
@@ -404,10 +403,8 @@ def command_methods(args: argparse.Namespace) -> None:
 
 
 def command_evaluate(args: argparse.Namespace) -> None:
-    from ltrepro.runs import to_json
+    from ltrepro.runs import final_run, to_json
     from ltrepro.scoring import evaluate_run
-
-    from ltrepro.runs import final_run
 
     metrics = evaluate_run(final_run(args.run), args.checkpoint, args.root and args.root.resolve(), args.plots_dir, track=True)
     out = args.out or Path(metrics["run_dir"]) / "evaluation.json"
@@ -420,8 +417,16 @@ def command_evaluate(args: argparse.Namespace) -> None:
 def command_report(args: argparse.Namespace) -> None:
     from ltrepro.config import load_config
     from ltrepro.report import (
-        audited_figures, behaviour_results, behaviours_table, collect, markdown_table, optimism_table, paired_table,
-        parse_grid, spread_groups, spread_table,
+        audited_figures,
+        behaviour_results,
+        behaviours_table,
+        collect,
+        markdown_table,
+        optimism_table,
+        paired_table,
+        parse_grid,
+        spread_groups,
+        spread_table,
     )  # fmt: skip
 
     grid = parse_grid(args.grid)
@@ -474,9 +479,9 @@ def command_bench(args: argparse.Namespace) -> None:
 def command_bench_loader(args: argparse.Namespace) -> None:
     from ltrepro.bench import bench_loader
     from ltrepro.config import load_config
+    from ltrepro.context import resolve, select_device
     from ltrepro.data import load_data
     from ltrepro.stages import build_model
-    from ltrepro.context import resolve, select_device
 
     cfg = resolve(load_config(config_files(args), args.overrides))
     root = project_root(args)
