@@ -34,13 +34,16 @@ import torch
 import torch.nn.functional as F
 
 from ltrepro.bench import bench_optimizer, engine_epochs
-from ltrepro.config import AugmentConfig
+from ltrepro.config import AugmentConfig, StageConfig
 from ltrepro.data import LTData
 from ltrepro.data.base import Split
 from ltrepro.data.loader import DeviceLoader, fixed_seed_generator, make_loader
 from ltrepro.data.lt import lt_counts
-from ltrepro.engine import autocast
+from ltrepro.engine import autocast, fit
+from ltrepro.losses import build_loss
 from ltrepro.models import Classifier, create_model
+from ltrepro.objectives import Objective
+from ltrepro.stages import make_plan
 from ltrepro.tracking import cpu_name, device_name
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # the reference's Normalize
@@ -311,12 +314,6 @@ def bench_schedule(device: torch.device, out: Path, epochs: int = 200, compiled:
     at 80 % and 90 % of the epochs), validation on 1,000 images and both checkpoints written every
     epoch. ``training_seconds`` sums the epochs' training passes (compilation falls in the first);
     ``wall_seconds`` is the whole ``fit``, validation and checkpoints included."""
-    from ltrepro.config import StageConfig
-    from ltrepro.engine import fit
-    from ltrepro.losses import build_loss
-    from ltrepro.objectives import Objective
-    from ltrepro.stages import make_plan
-
     data = random_cifar_lt(8, 8.0, 100, val_size=100) if quick else random_cifar_lt(500, 100.0, 100, val_size=1000)
     stage = StageConfig(epochs=epochs, batch_size=128, lr=0.1, weight_decay=2e-4, warmup_epochs=min(5, epochs - 1),
                         schedule="multistep", milestones=[int(0.8 * epochs), int(0.9 * epochs)], gamma=0.01)  # fmt: skip

@@ -427,7 +427,7 @@ def command_report(args: argparse.Namespace) -> None:
         parse_grid,
         spread_groups,
         spread_table,
-    )  # fmt: skip
+    )
 
     grid = parse_grid(args.grid)
     methods = [*args.methods, *([args.baseline] if args.baseline and args.baseline not in args.methods else [])]
